@@ -1,0 +1,63 @@
+"""Where each stage reads and writes, relative to the project root.
+
+DVC owns these outputs (`dvc.yaml` lists the same paths); resumable scratch state lives in
+`runs/`, which neither git nor DVC tracks (DESIGN.md 2, "known pitfalls").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    # corpus stage
+    @property
+    def corpus(self) -> Path:
+        return self.root / "data" / "corpus"
+
+    @property
+    def blocks(self) -> Path:
+        return self.corpus / "blocks.jsonl"
+
+    @property
+    def qa_train(self) -> Path:
+        return self.corpus / "qa_train.jsonl"
+
+    @property
+    def qa_dev(self) -> Path:
+        return self.corpus / "qa_dev.jsonl"
+
+    # ict stage: retriever/{query,doc}/ and encoder/ (BERT MLM with its warmed-up head)
+    @property
+    def ict(self) -> Path:
+        return self.root / "data" / "ict"
+
+    # pretrain stage: retriever/{query,doc}/ and encoder/
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "data" / "pretrain"
+
+    # finetune stage: query/ (embedder), reader/, index/ (frozen block embeddings)
+    @property
+    def finetune(self) -> Path:
+        return self.root / "data" / "finetune"
+
+    # evaluate stage
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "data" / "evaluate"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def curve(self, stage: str) -> Path:
+        """Per-step training metrics as TSV: DVC plots and the MLflow loss-curve artefact read it."""
+        return self.root / "metrics" / f"{stage}_curve.tsv"
+
+    def scratch(self, stage: str) -> Path:
+        """Untracked working state (checkpoints, refresh hand-over files)."""
+        return self.root / "runs" / stage
