@@ -1,0 +1,47 @@
+"""Evaluation on held-out questions: exact match and retrieval recall@k, with BM25 beside it.
+
+EM uses SQuAD/ORQA normalisation (metrics.normalize_answer), max over reference answers.
+Recall@k counts a question as retrieved when one of its top-k blocks has an answer under
+DPR's token-level rule (metrics.has_answer); BM25 (bm25s) is scored with the same rule on the
+same blocks and questions.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from realm_core.blocks import BlockStore
+from realm_core.bm25 import bm25_retrieve
+from realm_core.finetune import OpenQA, Question
+from realm_core.metrics import exact_match, has_answer, recall_at_k
+
+
+def _query_text(question: str) -> str:
+    """BM25 sees the question without the cloze marker of derived questions."""
+    return question.replace("[MASK]", " ")
+
+
+def hits_table(store: BlockStore, rankings: list[list[int]], questions: list[Question]) -> list[list[bool]]:
+    return [[has_answer(store.blocks[z].text, q.answers) for z in ranking] for ranking, q in zip(rankings, questions)]
+
+
+def evaluate_open_qa(model: OpenQA, questions: list[Question], *, recall_at: list[int], top_k: int, batch_size: int = 16) -> tuple[dict[str, float], list[dict]]:
+    """Metrics for the fine-tuned retriever + reader and for BM25; also the per-question predictions."""
+    if not questions:
+        raise ValueError("no evaluation questions")
+    depth = max(recall_at)
+    predictions: list[dict] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc="evaluate", unit="batch", mininterval=2.0):
+        chunk = questions[start : start + batch_size]
+        for q, p in zip(chunk, model.predict([c.question for c in chunk], top_k, depth)):
+            p.update(question=q.question, answers=q.answers, em=exact_match(p["answer"], q.answers))
+            predictions.append(p)
+    metrics = {"exact_match": 100.0 * sum(p["em"] for p in predictions) / len(predictions), "questions": float(len(questions))}
+    realm_hits = hits_table(model.store, [p["retrieved"][:depth] for p in predictions], questions)
+    metrics.update({f"realm_{k}": 100.0 * v for k, v in recall_at_k(realm_hits, recall_at).items()})
+    docs = [f"{b.title} {b.text}" for b in model.store.blocks]
+    bm25 = bm25_retrieve(docs, [_query_text(q.question) for q in questions], depth)
+    metrics.update({f"bm25_{k}": 100.0 * v for k, v in recall_at_k(hits_table(model.store, bm25, questions), recall_at).items()})
+    for p, ranking in zip(predictions, bm25):
+        p["bm25_retrieved"] = ranking
+    return metrics, predictions

@@ -1,0 +1,190 @@
+"""Open-QA fine-tuning as in ORQA / REALM (section 3.2 "Open-QA fine-tuning", ORQA code).
+
+The document embedder is frozen: all blocks are embedded once and the index never changes.
+The query embedder and the span reader train on two losses, batched over questions:
+  retriever loss: -log sum over the top-K retrieved blocks that contain an answer of p(z|x),
+                  with p(z|x) a softmax over those K blocks (K = finetune.retriever_top_k);
+  reader loss:    one softmax over every (block, span) pair of the top-k blocks, the retriever
+                  score added to each span score; -log of the mass on spans matching an answer.
+Each loss is zero for a question with nothing correct retrieved (ORQA).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+from realm_core.blocks import BlockStore, pad_batch, query_batch
+from realm_core.index import DenseIndex
+from realm_core.logging import StepLogger, null_logger
+from realm_core.metrics import answer_spans, has_answer
+from realm_core.modeling import Embedder, SpanReader, marginal_over_correct
+
+
+@dataclass
+class Question:
+    question: str
+    answers: list[str]
+
+
+@dataclass
+class ReaderBatch:
+    inputs: dict[str, torch.Tensor]  # [B*k, L]
+    starts: torch.Tensor  # [B*k, S]
+    ends: torch.Tensor  # [B*k, S]
+    valid: torch.Tensor  # [B*k, S]
+    body_start: list[int]  # per sequence, where the body begins
+
+
+def enumerate_spans(body_start: int, body_len: int, max_span: int) -> list[tuple[int, int]]:
+    """All spans of at most `max_span` wordpieces inside the block body (sequence positions, inclusive)."""
+    return [(s, e) for s in range(body_start, body_start + body_len) for e in range(s, min(s + max_span, body_start + body_len))]
+
+
+def reader_batch(store: BlockStore, query_ids: list[list[int]], block_ids: np.ndarray, max_span: int, device: torch.device) -> ReaderBatch:
+    seqs, segs, body_starts, spans = [], [], [], []
+    for q, row in zip(query_ids, block_ids):
+        for z in row.tolist():
+            ids, seg, body_start = store.pair_sequence(q, z)
+            seqs.append(ids)
+            segs.append(seg)
+            body_starts.append(body_start)
+            spans.append(enumerate_spans(body_start, len(ids) - body_start - 1, max_span))
+    width = max(1, max(len(s) for s in spans))
+    starts = torch.zeros(len(spans), width, dtype=torch.long)
+    ends = torch.zeros_like(starts)
+    valid = torch.zeros_like(starts, dtype=torch.bool)
+    for i, row in enumerate(spans):
+        if row:
+            starts[i, : len(row)] = torch.tensor([s for s, _ in row])
+            ends[i, : len(row)] = torch.tensor([e for _, e in row])
+            valid[i, : len(row)] = True
+    inputs = pad_batch(seqs, segs, store.tokenizer.pad_token_id, device)
+    return ReaderBatch(inputs, starts.to(device), ends.to(device), valid.to(device), body_starts)
+
+
+def correct_spans(store: BlockStore, batch: ReaderBatch, block_ids: np.ndarray, answers: list[list[str]], max_span: int) -> torch.Tensor:
+    """[B*k, S] True where the span's wordpieces equal an answer's wordpieces (ORQA's match rule)."""
+    tok = store.tokenizer
+    correct = torch.zeros_like(batch.valid)
+    flat_blocks = block_ids.reshape(-1).tolist()
+    per_seq_answers = [a for a in answers for _ in range(block_ids.shape[1])]
+    starts, ends = batch.starts.cpu(), batch.ends.cpu()
+    for i, (z, ans) in enumerate(zip(flat_blocks, per_seq_answers)):
+        answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in ans]
+        hits = {(s + batch.body_start[i], e + batch.body_start[i]) for s, e in answer_spans(store.body_ids[z][: store.max_block_tokens], answer_ids, max_span)}
+        if hits:
+            for j in range(starts.size(1)):
+                if (int(starts[i, j]), int(ends[i, j])) in hits:
+                    correct[i, j] = True
+    return correct & batch.valid
+
+
+class OpenQA:
+    """Query embedder + span reader over a frozen index of block embeddings."""
+
+    def __init__(self, query: Embedder, reader: SpanReader, store: BlockStore, index: DenseIndex, *, device: torch.device, max_query_tokens: int, max_span: int):
+        self.query, self.reader, self.store, self.index = query.to(device), reader.to(device), store, index
+        self.device, self.max_query_tokens, self.max_span = device, max_query_tokens, max_span
+        self.block_embeddings = torch.from_numpy(index.embeddings)  # [N, d], frozen
+
+    def retrieve(self, questions: list[str], k: int) -> tuple[list[list[int]], torch.Tensor, np.ndarray]:
+        """Query ids, retriever logits [B, k] (differentiable w.r.t. the query tower) and block ids [B, k]."""
+        q_ids = [self.store.query_ids(q, self.max_query_tokens) for q in questions]
+        q = self.query(**query_batch(self.store, q_ids, self.device))  # [B, d]
+        _, ids = self.index.search(q.detach().float().cpu().numpy(), min(k, len(self.store)))
+        docs = self.block_embeddings[torch.from_numpy(ids)].to(self.device)  # [B, k, d]
+        return q_ids, torch.einsum("bd,bkd->bk", q, docs), ids
+
+    def losses(self, batch: list[Question], retriever_top_k: int, reader_top_k: int) -> dict[str, torch.Tensor]:
+        q_ids, logits, ids = self.retrieve([q.question for q in batch], retriever_top_k)
+        has = torch.tensor([[has_answer(self.store.blocks[z].text, q.answers) for z in row] for q, row in zip(batch, ids.tolist())], device=self.device)
+        retriever_loss = marginal_over_correct(logits, has)
+        k = min(reader_top_k, ids.shape[1])
+        rb = reader_batch(self.store, q_ids, ids[:, :k], self.max_span, self.device)
+        span_logits = self.reader.span_logits(**rb.inputs, starts=rb.starts, ends=rb.ends)  # [B*k, S]
+        span_logits = span_logits.view(len(batch), k, -1) + logits[:, :k, None]
+        correct = correct_spans(self.store, rb, ids[:, :k], [q.answers for q in batch], self.max_span)
+        reader_loss = marginal_over_correct(span_logits, correct.view(len(batch), k, -1), rb.valid.view(len(batch), k, -1))
+        return {
+            "loss": retriever_loss + reader_loss,
+            "retriever_loss": retriever_loss,
+            "reader_loss": reader_loss,
+            "recall_at_k": has[:, :k].any(-1).float().mean(),
+        }
+
+    @torch.inference_mode()
+    def predict(self, questions: list[str], reader_top_k: int, retrieve_k: int) -> list[dict]:
+        """Best span over the top-k blocks (reader score + retriever score) and the ranking."""
+        self.query.eval()
+        self.reader.eval()
+        q_ids, logits, ids = self.retrieve(questions, max(retrieve_k, reader_top_k))
+        k = min(reader_top_k, ids.shape[1])
+        rb = reader_batch(self.store, q_ids, ids[:, :k], self.max_span, self.device)
+        span_logits = self.reader.span_logits(**rb.inputs, starts=rb.starts, ends=rb.ends).masked_fill(~rb.valid, float("-inf"))
+        scores = span_logits.view(len(questions), k, -1) + logits[:, :k, None]
+        out = []
+        for b in range(len(questions)):
+            flat = int(scores[b].reshape(-1).argmax())
+            z_rank, s = divmod(flat, scores.size(-1))
+            seq = b * k + z_rank
+            block = int(ids[b, z_rank])
+            start, end = int(rb.starts[seq, s]) - rb.body_start[seq], int(rb.ends[seq, s]) - rb.body_start[seq]
+            offsets = self.store.body_offsets[block]
+            text = self.store.blocks[block].text[offsets[start][0] : offsets[end][1]]
+            out.append({"answer": text, "score": float(scores[b].reshape(-1)[flat]), "block": block, "retrieved": ids[b].tolist(), "retrieval_scores": logits[b].tolist()})
+        return out
+
+
+def finetune(
+    model: OpenQA,
+    questions: list[Question],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    retriever_top_k: int,
+    reader_top_k: int,
+    seed: int,
+    log: StepLogger = null_logger,
+) -> dict[str, float]:
+    if not questions:
+        raise ValueError("no fine-tuning questions")
+    rng = random.Random(seed)
+    params = list(model.query.parameters()) + list(model.reader.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    model.query.train()
+    model.reader.train()
+    history: list[dict[str, float]] = []
+    for step in trange(steps, desc="finetune", unit="step", mininterval=2.0):
+        out = model.losses(rng.sample(questions, min(batch_size, len(questions))), retriever_top_k, reader_top_k)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        row = {k: v.item() for k, v in out.items()}
+        history.append(row)
+        log(row, step)
+    tail = history[-max(1, len(history) // 4) :] or [{"loss": 0.0}]
+    return {f"{k}_last_quarter": float(np.mean([r[k] for r in tail])) for k in tail[0]}
+
+
+def load_questions(path) -> list[Question]:
+    """NQ-open style JSONL written by the corpus stage: {"question": str, "answer": [str, ...]}."""
+    from realm_core.io import InputError, read_jsonl
+
+    out = []
+    for lineno, row in read_jsonl(path):
+        answers = row.get("answer")
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise InputError(f"{path}:{lineno}: 'question' must be a non-empty string")
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise InputError(f"{path}:{lineno}: 'answer' must be a non-empty list of non-empty strings")
+        out.append(Question(row["question"], answers))
+    return out

