@@ -1,0 +1,27 @@
+"""Prefect task for the evaluate stage: EM and recall@k of the fine-tuned model, and BM25's recall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from realm_core.config import Params
+from realm_core.evaluate import evaluate_open_qa
+from realm_core.finetune import load_questions
+from realm_core.io import write_jsonl
+from realm_core.modeling import load_reader
+from realm_core.paths import Paths
+from tasks.training import load_open_qa, seed_everything
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_task(params: Params, paths: Paths, out_dir: Path) -> dict[str, float]:
+    seed_everything(params.seed)
+    model = load_open_qa(params, paths, paths.finetune / "query", load_reader(paths.finetune / "reader"), paths.finetune / "index")
+    questions = load_questions(paths.qa_dev)
+    get_run_logger().info("evaluating %d held-out questions over %d blocks", len(questions), len(model.store))
+    metrics, predictions = evaluate_open_qa(model, questions, recall_at=params.evaluate.recall_at, top_k=params.evaluate.top_k)
+    write_jsonl(out_dir / "predictions.jsonl", predictions)
+    return {k.replace("@", "_at_"): v for k, v in metrics.items()}
