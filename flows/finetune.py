@@ -1,0 +1,20 @@
+"""Stage `finetune`: Open-QA fine-tuning over a frozen block index (ORQA/REALM).
+
+    realm stage finetune     (what `dvc repro finetune` runs)
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.tracking import stage_run
+from realm_core.io import atomic_dir
+from tasks.training import build_frozen_index_task, finetune_task
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow() -> dict[str, float]:
+    with stage_run("finetune") as ctx, atomic_dir(ctx.paths.finetune) as out:
+        build_frozen_index_task(ctx.params, ctx.paths, out)
+        ctx.set_final(finetune_task(ctx.params, ctx.paths, out, ctx.log_fn))
+    return ctx.final

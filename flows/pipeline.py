@@ -1,0 +1,139 @@
+"""The pipeline flow: run what is stale through DVC, under one MLflow parent run.
+
+    realm run                            # dvc repro: only stale stages run
+    realm run -S finetune.lr=3e-5        # dvc exp run -S ...: an experiment
+    realm serve --cron "0 3 * * *"       # the same flow on a schedule (needs a Prefect server)
+
+DVC is the only DAG (DESIGN.md 2): this flow never lists the stages itself. It opens the
+MLflow parent run, hands its id to the stage processes through the environment, runs
+`dvc repro` (or `dvc exp run`), then publishes which stages ran as a Prefect table artefact.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.env import project_root
+from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, prefect_flow_run_id
+from realm_core.config import Params, ParamsError, flatten, load_params
+
+
+class PipelineError(RuntimeError):
+    """DVC exited non-zero; the stage's own error is printed above."""
+
+
+def check_overrides(params_file: Path, overrides: list[str]) -> None:
+    """Validate `-S key=value` overrides against the params models before DVC sees them."""
+    raw = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+    known = set(flatten(Params().model_dump()))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ParamsError(f"-S {item!r}: expected section.key=value with a key of params.yaml, e.g. -S finetune.lr=3e-5")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        Params.model_validate(raw)
+    except Exception as exc:  # pydantic ValidationError, reported with the override named
+        raise ParamsError(f"-S {' -S '.join(overrides)}: {exc}") from None
+
+
+def dvc_command(overrides: list[str], force: bool, name: str | None) -> list[str]:
+    """argv for DVC (never a shell string: params values reach DVC as separate arguments)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    if overrides or name:
+        cmd = [*dvc, "exp", "run", *(a for o in overrides for a in ("-S", o))]
+        if name:
+            cmd += ["--name", name]
+    else:
+        cmd = [*dvc, "repro"]
+    return cmd + (["--force"] if force else [])
+
+
+def stage_environment(parent_run_id: str) -> dict[str, str]:
+    """Environment of the DVC process: the parent run id, this venv first on PATH, and the
+    Prefect API of this process (so stage flows join the same local server instead of each
+    starting its own)."""
+    env = dict(os.environ)
+    env[PARENT_RUN_ENV] = parent_run_id
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        if server.running:
+            env["PREFECT_API_URL"] = server.api_url
+    return env
+
+
+def stage_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, tuple[str, str]]:
+    """stage -> (run id, status) of the runs nested under the parent."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags.get("realm.stage", "?"): (r.info.run_id, r.info.status) for r in runs}
+
+
+def read_metrics(root: Path) -> dict[str, dict[str, float]]:
+    import json
+
+    out = {}
+    for stage in STAGES:
+        file = root / "metrics" / f"{stage}.json"
+        if file.exists():
+            out[stage] = json.loads(file.read_text())
+    return out
+
+
+@flow(name="realm-pipeline", log_prints=True)
+def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name: str | None = None, root: str | None = None) -> dict:
+    """Run the stale stages (or an experiment) through DVC under one MLflow parent run."""
+    logger = get_run_logger()
+    root_dir = project_root(Path(root) if root else None)
+    overrides = list(set_params or [])
+    load_params(root_dir / "params.yaml")
+    check_overrides(root_dir / "params.yaml", overrides)
+
+    client = MlflowClient()
+    experiment_id = ensure_experiment(client, root_dir)
+    tags = {"realm.stage": "pipeline", "git.commit": git_commit(root_dir), "prefect.flow_run_id": prefect_flow_run_id(), "mlflow.source.name": "realm run"}
+    parent = client.create_run(experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags).info.run_id
+    cmd = dvc_command(overrides, force, name)
+    client.set_tag(parent, "dvc.command", " ".join(cmd[2:]))
+    logger.info("MLflow parent run %s; running: %s", parent, " ".join(cmd[2:]))
+    status = "FAILED"
+    try:
+        # DVC's and the stages' output goes straight to the terminal (live progress bars).
+        returncode = subprocess.run(cmd, cwd=root_dir, env=stage_environment(parent)).returncode
+        params = load_params(root_dir / "params.yaml")  # after `exp run -S`, the experiment's values
+        flat = [Param(k, str(v)) for k, v in params.flat().items()]
+        for i in range(0, len(flat), 100):
+            client.log_batch(parent, params=flat[i : i + 100])
+        children = stage_runs(client, experiment_id, parent)
+        table = [{"stage": s, "status": "ran" if s in children else "skipped (up to date)", "mlflow_run": children.get(s, ("", ""))[0], "mlflow_status": children.get(s, ("", ""))[1]} for s in STAGES]
+        create_table_artifact(key="stages", table=table, description=f"Stages of this pipeline run; MLflow parent run {parent}")
+        if returncode != 0:
+            raise PipelineError(f"`{' '.join(cmd[2:])}` exited with {returncode}; the failing stage's error is printed above")
+        metrics = read_metrics(root_dir)
+        now = int(time.time() * 1000)
+        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.get("evaluate", {}).items()])
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status)
+    return {"parent_run_id": parent, "experiment_id": experiment_id, "stages": table, "metrics": metrics}

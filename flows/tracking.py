@@ -1,0 +1,265 @@
+"""MLflow tracking of stage runs: one nested run per stage under the pipeline's parent run.
+
+DESIGN.md 2 ("MLflow owns experiment records"): the pipeline flow opens the parent run and
+passes its id to the stage processes in `REALM_MLFLOW_PARENT_RUN_ID`; each stage opens a run
+nested under it (a stage run alone opens a top-level run). A stage run holds the params
+flattened from params.yaml, per-step metrics, the metrics JSON and a loss-curve plot, and tags
+(git commit, Prefect flow-run id, DVC experiment name, the dvc.lock md5 of its outputs).
+
+Everything goes through `MlflowClient` with explicit run ids: MLflow's fluent active run is
+thread-local and Prefect may run task code in worker threads (DESIGN.md 2, pitfalls).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from flows.env import project_root
+from realm_core.config import Params, load_params
+from realm_core.io import atomic_write_text, write_json
+from realm_core.paths import Paths
+
+PARENT_RUN_ENV = "REALM_MLFLOW_PARENT_RUN_ID"
+DEFAULT_EXPERIMENT = "realm-pipeline"
+STAGES = ("corpus", "ict", "pretrain", "finetune", "evaluate")
+
+# The files each stage reads, logged as MLflow dataset inputs (lineage in the UI).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "ict": ("blocks",),
+    "pretrain": ("blocks",),
+    "finetune": ("blocks", "qa_train"),
+    "evaluate": ("blocks", "qa_dev"),
+}
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+
+
+def ensure_experiment(client: MlflowClient, root: Path) -> str:
+    """Id of the project's experiment, created on first use with artefacts under <root>/mlartifacts.
+
+    The pipeline calls this before any stage process starts, so concurrent stages never race to
+    create it (or to migrate a new SQLite store).
+    """
+    name = experiment_name()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    local_store = client.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in client.tracking_uri
+    location = (root / "mlartifacts").resolve().as_uri() if local_store else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, with "-dirty" when tracked files differ from it ("" outside git)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return sha + ("-dirty" if dirty else "")
+
+
+def dvc_out_md5(path: Path) -> str:
+    """The md5 DVC records in dvc.lock for an output (".dir" suffix for directories).
+
+    Computed with dvc-data, the library DVC itself hashes with, so the tag equals dvc.lock.
+    """
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    staging = HashFileDB(fs, str(path.parent / f".{path.name}.dvc-staging"))
+    _, _, obj = build(staging, str(path), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def prefect_flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+class StepRecorder:
+    """The StepLogger a stage hands to realm_core: buffers per-step metrics, logs them in batches.
+
+    Thread-safe (Prefect tasks may run in worker threads). Rows are also kept by step so the
+    stage can write its curve TSV (for `dvc plots`) and a loss-curve PNG at the end.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200):
+        self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.rows: dict[int, dict[str, float]] = {}
+        self.last: dict[str, float] = {}
+        self._pending: list[Metric] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        with self._lock:
+            self.rows.setdefault(step, {}).update(clean)
+            self.last.update(clean)
+            self._pending.extend(Metric(k, v, now, step) for k, v in clean.items())
+            if len(self._pending) >= self.flush_every:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        while self._pending:  # MLflow accepts at most 1000 metrics per batch
+            batch, self._pending = self._pending[:1000], self._pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def columns(self) -> list[str]:
+        return sorted({k for row in self.rows.values() for k in row})
+
+    def write_tsv(self, path: Path) -> None:
+        cols = self.columns()
+        lines = ["\t".join(["step", *cols])]
+        for step in sorted(self.rows):
+            row = self.rows[step]
+            lines.append("\t".join([str(step), *(f"{row[c]:.6g}" if c in row else "" for c in cols)]))
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def plot(self, path: Path, title: str) -> None:
+        """One panel per metric against the training step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = self.columns()
+        fig, axes = plt.subplots(len(cols), 1, figsize=(7, 2.2 * len(cols)), sharex=True, squeeze=False)
+        for ax, col in zip(axes[:, 0], cols):
+            steps = [s for s in sorted(self.rows) if col in self.rows[s]]
+            ax.plot(steps, [self.rows[s][col] for s in steps], marker="." if len(steps) < 30 else None)
+            ax.set_ylabel(col, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+@dataclass
+class StageContext:
+    """What a stage flow gets from `stage_run`: params, paths and the per-step logger."""
+
+    stage: str
+    params: Params
+    paths: Paths
+    run_id: str
+    recorder: StepRecorder
+    final: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def log_fn(self) -> StepRecorder:
+        return self.recorder
+
+    def last_logged(self, keys: list[str]) -> dict[str, float]:
+        """The last value logged for each of `keys` that was logged at all."""
+        return {k: self.recorder.last[k] for k in keys if k in self.recorder.last}
+
+    def set_final(self, metrics: dict[str, float]) -> None:
+        """The stage's result: written to metrics/<stage>.json (DVC) and to the MLflow run."""
+        self.final = {k: float(v) for k, v in metrics.items()}
+
+
+def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params: Params, paths: Paths) -> None:
+    flat = [Param(k, str(v)) for k, v in params.flat().items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run_id, params=flat[i : i + 100])
+    datasets = []
+    for name in STAGE_INPUTS.get(stage, ()):
+        file = getattr(paths, name)
+        if file.exists():
+            import hashlib
+
+            digest = hashlib.md5(file.read_bytes()).hexdigest()
+            datasets.append(DatasetInput(Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", "input")]))
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
+    paths, stage = ctx.paths, ctx.stage
+    metrics_file = paths.metrics(stage)
+    write_json(metrics_file, ctx.final)
+    client.log_batch(ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()])
+    client.log_artifact(ctx.run_id, str(metrics_file))
+    if ctx.recorder.rows:
+        curve = paths.curve(stage)
+        ctx.recorder.write_tsv(curve)
+        png = paths.scratch(stage) / f"{stage}_curves.png"
+        ctx.recorder.plot(png, f"{stage} (run {ctx.run_id[:8]})")
+        client.log_artifact(ctx.run_id, str(curve))
+        client.log_artifact(ctx.run_id, str(png))
+    if out_dir.exists():
+        rel = out_dir.resolve().relative_to(paths.root.resolve())
+        client.set_tag(ctx.run_id, f"dvc.out.{rel.as_posix()}.md5", dvc_out_md5(out_dir))
+
+
+@contextmanager
+def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
+    """Open the stage's MLflow run; on success write its metrics and artefacts, else mark it failed.
+
+    A KeyboardInterrupt/SIGINT marks the run KILLED, any other exception FAILED, and the
+    exception propagates so the stage process exits non-zero and DVC records nothing.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    root = project_root(root)
+    params = load_params(root / "params.yaml")
+    paths = Paths(root)
+    client = MlflowClient()
+    tags = {
+        "realm.stage": stage,
+        "git.commit": git_commit(root),
+        "prefect.flow_run_id": prefect_flow_run_id(),
+        "mlflow.source.name": f"realm stage {stage}",
+    }
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    run = client.create_run(ensure_experiment(client, root), run_name=stage, tags=tags)
+    run_id = run.info.run_id
+    ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id))
+    status = "FAILED"
+    try:
+        _log_params_and_inputs(client, run_id, stage, params, paths)
+        yield ctx
+        ctx.recorder.flush()
+        _finish(client, ctx, getattr(paths, stage))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            ctx.recorder.flush()  # keep the curve of a crashed run
+        finally:
+            client.set_terminated(run_id, status)
