@@ -81,9 +81,10 @@ def run(
 ) -> None:
     """Run the pipeline: only stale stages run (DVC), one MLflow parent run, a nested run per stage."""
     root = configure()
-    from flows.pipeline import PipelineError, pipeline_flow
+    from flows.pipeline import PipelineError, check_overrides, pipeline_flow
 
     try:
+        check_overrides(root / "params.yaml", set_params or [])  # fail before Prefect starts
         result = pipeline_flow(set_params=set_params or [], force=force, name=name, root=str(root))
     except (*_user_errors(), PipelineError) as exc:
         _fail(str(exc))

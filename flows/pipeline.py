@@ -33,7 +33,8 @@ class PipelineError(RuntimeError):
 
 
 def check_overrides(params_file: Path, overrides: list[str]) -> None:
-    """Validate `-S key=value` overrides against the params models before DVC sees them."""
+    """Validate params.yaml and the `-S key=value` overrides on it before DVC sees them."""
+    load_params(params_file)
     raw = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
     known = set(flatten(Params().model_dump()))
     for item in overrides:
@@ -104,7 +105,6 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
     logger = get_run_logger()
     root_dir = project_root(Path(root) if root else None)
     overrides = list(set_params or [])
-    load_params(root_dir / "params.yaml")
     check_overrides(root_dir / "params.yaml", overrides)
 
     client = MlflowClient()

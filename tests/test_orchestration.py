@@ -1,0 +1,92 @@
+"""Orchestration pieces that need no pipeline run: params, overrides, DVC argv, step recording, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import check_overrides, dvc_command
+from realm_core.config import Params, ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_matches_the_pydantic_defaults():
+    """No default is written twice with different values (DESIGN.md 2)."""
+    assert load_params(ROOT / "params.yaml").model_dump() == Params().model_dump()
+
+
+def test_unknown_param_names_file_and_line(tmp_path):
+    file = tmp_path / "params.yaml"
+    file.write_text("seed: 1\nfinetune:\n  steps: 3\n  lr_typo: 0.1\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:4: unknown key 'finetune.lr_typo'"):
+        load_params(file)
+
+
+def test_wrongly_typed_param_names_file_and_line(tmp_path):
+    file = tmp_path / "params.yaml"
+    file.write_text("pretrain:\n  top_k: many\n")
+    with pytest.raises(ParamsError, match=r"params.yaml:2: 'pretrain.top_k'"):
+        load_params(file)
+
+
+def test_overrides_are_validated_before_dvc_runs():
+    check_overrides(ROOT / "params.yaml", ["finetune.lr=3e-5", "corpus.max_passages=null"])
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        check_overrides(ROOT / "params.yaml", ["finetune.learning_rate=3e-5"])
+    with pytest.raises(ParamsError, match="finetune.lr"):
+        check_overrides(ROOT / "params.yaml", ["finetune.lr=-1"])
+    with pytest.raises(ParamsError):
+        check_overrides(ROOT / "params.yaml", ["seed"])
+
+
+def test_dvc_argv_is_repro_or_exp_run_and_never_a_shell_string():
+    repro = dvc_command([], force=False, name=None)
+    assert repro[1:] == ["-m", "dvc", "repro"]
+    exp = dvc_command(["finetune.lr=3e-5; rm -rf /"], force=True, name="lr")
+    assert exp[3:] == ["exp", "run", "-S", "finetune.lr=3e-5; rm -rf /", "--name", "lr", "--force"]
+
+
+def test_step_recorder_merges_rows_by_step_and_writes_a_curve(tmp_path):
+    from flows.tracking import StepRecorder
+
+    class FakeClient:
+        def __init__(self):
+            self.batches = []
+
+        def log_batch(self, run_id, metrics=()):
+            self.batches.append(list(metrics))
+
+    client = FakeClient()
+    rec = StepRecorder(client, "run", flush_every=3)
+    rec({"loss": 2.0, "acc": 0.5}, 0)
+    rec({"loss": 1.0, "nan": float("nan")}, 1)  # non-finite values are dropped, not logged
+    rec({"other": 7.0}, 0)
+    assert sum(len(b) for b in client.batches) == 3
+    rec.flush()
+    assert sum(len(b) for b in client.batches) == 4
+    rec.write_tsv(tmp_path / "c.tsv")
+    assert (tmp_path / "c.tsv").read_text().splitlines() == ["step\tacc\tloss\tother", "0\t0.5\t2\t7", "1\t\t1\t"]
+    rec.plot(tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_cli_help_does_not_import_torch_or_mlflow():
+    code = "import sys; from flows.cli import app; print(any(m in sys.modules for m in ('torch', 'mlflow', 'prefect')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_hub_download_fails_fast_offline():
+    """realm_core forces HF offline mode: nothing may download weights at run time."""
+    import realm_core  # noqa: F401  (sets HF_HUB_OFFLINE)
+    from transformers import AutoModel
+
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(OSError, match="couldn't connect"):
+        AutoModel.from_pretrained("bert-base-uncased")
