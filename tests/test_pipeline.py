@@ -1,0 +1,178 @@
+"""End to end: the whole pipeline through `realm run` (Prefect + DVC + MLflow) on a tiny profile.
+
+The project is copied into a fresh git repository with a tiny random BERT and a 40-passage
+subsample of the embedded corpus, so every stage does its real job in seconds. The tests run in
+order and share that project: first run, nothing stale, one param change, one stage alone, an
+experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from realm_core.config import Params
+from tests.tiny import make_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STAGES = ["corpus", "ict", "pretrain", "finetune", "evaluate"]
+
+TINY_PARAMS = {
+    "seed": 3,
+    "model": {"num_hidden_layers": None, "max_query_tokens": 32},
+    "corpus": {"max_passages": 40, "max_block_tokens": 64, "qa_fraction": 0.5, "shards": 2},
+    "ict": {"steps": 4, "batch_size": 4, "mlm_warmup_steps": 3, "mlm_batch_size": 4},
+    "pretrain": {"steps": 6, "batch_size": 2, "top_k": 3, "refresh_every": 2},
+    "finetune": {"steps": 4, "batch_size": 2, "top_k": 2, "retriever_top_k": 10},
+    "evaluate": {"recall_at": [1, 5], "top_k": 2},
+}
+
+
+def _sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _git_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of this project as its own git repo, with tiny params and isolated stores."""
+    base = tmp_path_factory.mktemp("e2e")
+    proj = base / "project"
+    for rel in _git_files():
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, proj / rel)
+    tiny = dict(TINY_PARAMS, model=dict(TINY_PARAMS["model"], backbone=str(make_tiny_bert(base / "tinybert"))))
+    # DVC needs every key a stage tracks written out, so store the full validated params.
+    (proj / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(tiny).model_dump(), sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_", "REALM_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        _sh(args, proj, env)
+    return proj, env
+
+
+def _client(proj: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")
+
+
+def _runs(proj: Path):
+    client = _client(proj)
+    exp = client.get_experiment_by_name("realm-pipeline")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _children(runs, parent_id: str) -> dict[str, object]:
+    return {r.data.tags["realm.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+
+
+def _lock_md5(proj: Path, stage: str) -> str:
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    return lock["stages"][stage]["outs"][0]["md5"]
+
+
+def test_first_run_executes_all_five_stages_under_one_parent_run(project):
+    proj, env = project
+    out = _sh([str(BIN / "realm"), "run"], proj, env)
+    assert "exact_match" in out.stdout and "realm ui" in out.stdout
+
+    client, runs = _runs(proj)
+    parents = [r for r in runs if r.data.tags.get("realm.stage") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _children(runs, parents[0].info.run_id)
+    assert sorted(children) == sorted(STAGES)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True, text=True).stdout.strip()
+    n_params = len(Params().flat())
+    flow_run_ids = set()
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED", stage
+        assert len(run.data.params) == n_params, stage
+        assert run.data.tags["git.commit"] == head, stage
+        flow_run_ids.add(run.data.tags["prefect.flow_run_id"])
+        # the out hash tagged on the run is the one DVC wrote to dvc.lock
+        assert run.data.tags[f"dvc.out.data/{stage}.md5"] == _lock_md5(proj, stage), stage
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert f"{stage}.json" in artifacts, stage
+        if stage in ("ict", "pretrain", "finetune"):
+            assert f"{stage}_curves.png" in artifacts, stage
+    assert len(flow_run_ids) == 5 and "" not in flow_run_ids
+
+    # per-step metrics reached MLflow, including the index refreshes of pre-training
+    pre = children["pretrain"].info.run_id
+    assert len(client.get_metric_history(pre, "loss")) == TINY_PARAMS["pretrain"]["steps"]
+    refreshes = client.get_metric_history(pre, "refresh_count")
+    assert len(refreshes) >= 2
+    assert len(client.get_metric_history(children["ict"].info.run_id, "ict_loss")) == TINY_PARAMS["ict"]["steps"]
+
+    evaluation = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    assert {"exact_match", "realm_recall_at_5", "bm25_recall_at_5"} <= set(evaluation)
+    assert evaluation["questions"] > 0
+    assert parents[0].data.metrics["exact_match"] == pytest.approx(evaluation["exact_match"])
+
+
+def test_nothing_reruns_right_after_a_finished_run(project):
+    proj, env = project
+    out = _sh([str(BIN / "dvc"), "repro"], proj, env)
+    assert "Data and pipelines are up to date" in out.stdout + out.stderr
+    status = _sh([str(BIN / "dvc"), "status"], proj, env)
+    assert "up to date" in status.stdout
+
+
+def test_a_finetune_param_change_reruns_only_finetune_and_evaluate(project):
+    proj, env = project
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["finetune"]["lr"] = 3e-5
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh([str(BIN / "realm"), "run"], proj, env)
+    _, runs = _runs(proj)
+    latest_parent = [r for r in runs if r.data.tags.get("realm.stage") == "pipeline"][-1]
+    assert sorted(_children(runs, latest_parent.info.run_id)) == ["evaluate", "finetune"]
+    assert latest_parent.data.params["finetune.lr"] == "3e-05"
+
+
+def test_one_stage_alone_gets_its_own_top_level_run(project):
+    proj, env = project
+    _, before = _runs(proj)
+    _sh([str(BIN / "dvc"), "repro", "-s", "-f", "evaluate"], proj, env)
+    _, after = _runs(proj)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    assert [r.data.tags["realm.stage"] for r in new] == ["evaluate"]
+    assert "mlflow.parentRunId" not in new[0].data.tags
+
+
+def test_an_experiment_is_recorded_by_dvc_and_mlflow(project):
+    proj, env = project
+    _sh([str(BIN / "realm"), "run", "-S", "finetune.steps=2", "--name", "short"], proj, env)
+    shown = _sh([str(BIN / "dvc"), "exp", "show", "--csv"], proj, env).stdout
+    assert "short" in shown
+    _, runs = _runs(proj)
+    latest_parent = [r for r in runs if r.data.tags.get("realm.stage") == "pipeline"][-1]
+    children = _children(runs, latest_parent.info.run_id)
+    assert sorted(children) == ["evaluate", "finetune"]
+    assert children["finetune"].data.tags.get("dvc.exp_name") == "short"
+    assert children["finetune"].data.params["finetune.steps"] == "2"
+    metrics = _sh([str(BIN / "dvc"), "metrics", "show", "--json"], proj, env).stdout
+    assert "exact_match" in metrics
+
+
+def test_a_bad_override_stops_with_one_clear_message(project):
+    proj, env = project
+    out = _sh([str(BIN / "realm"), "run", "-S", "finetune.learning_rate=1"], proj, env, check=False)
+    assert out.returncode == 1
+    assert "finetune.learning_rate" in out.stderr and "Traceback" not in out.stderr
