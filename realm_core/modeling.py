@@ -69,18 +69,34 @@ def resolve_device(device: str) -> torch.device:
 # ---------------------------------------------------------------------------- retriever
 
 
-class Embedder(nn.Module):
-    """Embed_input / Embed_doc: BERT -> pooled [CLS] -> Linear(h -> d) -> LayerNorm (section 3.2)."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, bert: BertModel, dim: int = 128):
+
+class Embedder(nn.Module):
+    """Embed_input / Embed_doc: BERT -> pooled [CLS] -> Linear(h -> d) -> LayerNorm (section 3.2).
+
+    `pooling="mean"` averages the last hidden states instead (how all-MiniLM-L6-v2 was trained).
+    It exists because a BERT cut to its first layers has an input-independent [CLS]: for
+    MiniLM's first 2 layers the pairwise cosine of [CLS] states across unrelated sentences is
+    1.000, so ICT cannot move off chance; mean pooling gives 0.67.
+    """
+
+    def __init__(self, bert: BertModel, dim: int = 128, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.bert = bert
+        self.pooling = pooling
         self.projection = nn.Linear(bert.config.hidden_size, dim)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # [B, L, 1]
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        else:
+            pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
         return self.norm(self.projection(pooled))  # [B, d]
 
 
@@ -93,8 +109,8 @@ class Retriever(nn.Module):
         self.doc = doc
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int) -> "Retriever":
-        return cls(Embedder(load_bert(directory, num_hidden_layers), dim), Embedder(load_bert(directory, num_hidden_layers), dim))
+    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int, pooling: str = "cls") -> "Retriever":
+        return cls(*(Embedder(load_bert(directory, num_hidden_layers), dim, pooling) for _ in range(2)))
 
     @staticmethod
     def score(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> torch.Tensor:
@@ -263,7 +279,7 @@ def _load_weights(module: nn.Module, directory: Path) -> None:
 
 def load_embedder(directory: Path) -> Embedder:
     config, meta = _read_realm_config(directory, "Embedder")
-    module = Embedder(BertModel(config, add_pooling_layer=True), meta["dim"])
+    module = Embedder(BertModel(config, add_pooling_layer=True), meta["dim"], meta.get("pooling", "cls"))
     _load_weights(module, directory)
     return module
 
@@ -284,7 +300,7 @@ def load_reader(directory: Path) -> SpanReader:
 
 
 def save_embedder(module: Embedder, directory: Path) -> None:
-    save_module(module, directory, module.bert.config, {"dim": module.projection.out_features})
+    save_module(module, directory, module.bert.config, {"dim": module.projection.out_features, "pooling": module.pooling})
 
 
 def save_encoder(module: KnowledgeAugmentedEncoder, directory: Path) -> None:

@@ -58,7 +58,7 @@ def train_ict_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger)
     seed_everything(params.seed)
     store = load_store(params, paths)
     device = resolve_device(params.device)
-    retriever = Retriever.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers, params.model.retriever_dim)
+    retriever = Retriever.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers, params.model.retriever_dim, params.model.pooling)
     get_run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
     c = params.ict
     train_ict(retriever, store, steps=c.steps, batch_size=c.batch_size, lr=c.lr, remove_prob=c.remove_prob, max_query_tokens=params.model.max_query_tokens, seed=params.seed, device=device, log=log)

@@ -281,3 +281,22 @@ def test_predict_returns_a_span_of_a_retrieved_block(tiny, models):
     assert pred["block"] in pred["retrieved"][:2]
     assert pred["answer"] and pred["answer"] in model.store.blocks[pred["block"]].text
     assert len(model.store.tokenizer(pred["answer"], add_special_tokens=False)["input_ids"]) <= 10
+
+
+def test_mean_pooling_is_masked_and_survives_a_round_trip(tiny, tmp_path):
+    """Padding must not change a mean-pooled embedding; the pooling choice is saved with the weights."""
+    from realm_core.modeling import Embedder, load_bert, load_embedder, save_embedder
+
+    bert = tiny[0]
+    emb = Embedder(load_bert(bert, None), 16, pooling="mean").eval()
+    ids = torch.tensor([[101, 3000, 2003, 102]])
+    padded = torch.tensor([[101, 3000, 2003, 102, 0, 0]])
+    with torch.no_grad():
+        a = emb(ids, torch.ones_like(ids), torch.zeros_like(ids))
+        b = emb(padded, (padded != 0).long(), torch.zeros_like(padded))
+    assert torch.allclose(a, b, atol=1e-5)
+    save_embedder(emb, tmp_path / "e")
+    loaded = load_embedder(tmp_path / "e").eval()
+    assert loaded.pooling == "mean"
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids, torch.ones_like(ids), torch.zeros_like(ids)), a, atol=1e-6)
