@@ -11,13 +11,11 @@ import pytest
 from realm_core.blocks import BlockStore
 from realm_core.config import CorpusParams
 from realm_core.corpus import (
-    MASK,
     Passage,
     analyse,
     build_corpus,
     date_spans,
     finish_corpus,
-    make_cloze_questions,
     merge_fragments,
     merge_spans,
     number_blocks,
@@ -31,6 +29,7 @@ from realm_core.corpus import (
     subsample,
 )
 from realm_core.finetune import load_questions
+from realm_core.questions import MASK, make_cloze_questions
 from realm_core.io import InputError
 from realm_core.metrics import has_answer
 from realm_core.modeling import backbone_dir, load_tokenizer
