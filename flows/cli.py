@@ -117,9 +117,11 @@ def serve(
     if not PREFECT_API_URL.value():
         _fail("schedules need a Prefect server: run `realm ui --tool prefect` in another shell, then "
               "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and retry")
-    from flows.pipeline import pipeline_flow
+    from prefect import serve as prefect_serve
 
-    pipeline_flow.serve(name=deployment, cron=cron)
+    from flows.pipeline import scheduled_deployment
+
+    prefect_serve(scheduled_deployment(cron, deployment))
 
 
 @app.command()

@@ -137,3 +137,8 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
     finally:
         client.set_terminated(parent, status)
     return {"parent_run_id": parent, "experiment_id": experiment_id, "stages": table, "metrics": metrics}
+
+
+def scheduled_deployment(cron: str, name: str = "nightly"):
+    """The pipeline as a Prefect deployment on a cron schedule (what `realm serve` serves)."""
+    return pipeline_flow.to_deployment(name=name, cron=cron, description="realm run on a schedule: only stale stages run")

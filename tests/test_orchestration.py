@@ -90,3 +90,19 @@ def test_a_hub_download_fails_fast_offline():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(OSError, match="couldn't connect"):
         AutoModel.from_pretrained("bert-base-uncased")
+
+
+def test_serve_builds_a_cron_scheduled_deployment_of_the_pipeline():
+    from flows.pipeline import scheduled_deployment
+
+    deployment = scheduled_deployment("0 3 * * *")
+    assert deployment.name == "nightly"
+    assert deployment.entrypoint.endswith("pipeline_flow")
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "realm ui --tool prefect" in out.stderr
