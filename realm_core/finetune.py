@@ -22,7 +22,7 @@ from realm_core.blocks import BlockStore, pad_batch, query_batch
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
 from realm_core.metrics import answer_spans, has_answer
-from realm_core.modeling import Embedder, SpanReader, marginal_over_correct
+from realm_core.modeling import Embedder, SpanReader, adamw_with_warmup, marginal_over_correct
 
 
 @dataclass
@@ -156,8 +156,7 @@ def finetune(
         raise ValueError("no fine-tuning questions")
     rng = random.Random(seed)
     params = list(model.query.parameters()) + list(model.reader.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    optimizer, schedule = adamw_with_warmup(params, lr, steps)
     model.query.train()
     model.reader.train()
     history: list[dict[str, float]] = []

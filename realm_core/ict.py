@@ -22,7 +22,7 @@ from tqdm.auto import trange
 
 from realm_core.blocks import BlockStore, doc_batch, pad_batch, query_batch
 from realm_core.logging import StepLogger, null_logger
-from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever
+from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup
 
 
 @dataclass
@@ -77,8 +77,7 @@ def train_ict(
         raise ValueError("ICT needs at least two blocks with two or more sentences; the corpus is too small")
     batch_size = min(batch_size, len(pool))
     retriever.to(device).train()
-    optimizer = torch.optim.AdamW(retriever.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    optimizer, schedule = adamw_with_warmup(retriever.parameters(), lr, steps)
     for step in trange(steps, desc="ict", unit="step", mininterval=2.0):
         examples = [ict_example(store, b, rng, remove_prob, max_query_tokens) for b in rng.sample(pool, batch_size)]
         loss, acc = ict_loss(retriever, examples, store, device)

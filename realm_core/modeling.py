@@ -66,6 +66,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def adamw_with_warmup(params, lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW whose learning rate ramps up linearly over the first 10% of steps, then stays.
+
+    Every training stage uses it: the new projection, MLM head and span MLP start random, and
+    a warm-up keeps their first large gradients from wrecking the pretrained backbone.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    warmup = max(1, steps // 10)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+
 # ---------------------------------------------------------------------------- retriever
 
 

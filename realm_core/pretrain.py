@@ -26,7 +26,7 @@ from tqdm.auto import trange
 from realm_core.blocks import BlockStore, embed_blocks, pad_batch, query_batch
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
-from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, marginal_log_likelihood, retrieval_utility
+from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup, marginal_log_likelihood, retrieval_utility
 
 
 @dataclass
@@ -166,8 +166,7 @@ def pretrain(
         raise ValueError("no pre-training queries: no sentence holds a salient span of at most pretrain.max_masks wordpieces")
     rng = random.Random(seed)
     params = list(trainer.retriever.parameters()) + list(trainer.encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
+    optimizer, schedule = adamw_with_warmup(params, lr, steps)
     trainer.retriever.train()
     trainer.encoder.train()
     seconds = trainer.refresh_index(step=0)
