@@ -66,11 +66,16 @@ def ensure_experiment(client: MlflowClient, root: Path) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+# Files the pipeline itself rewrites while it runs: changes to them do not make the code dirty.
+PIPELINE_WRITTEN = (":(exclude)dvc.lock", ":(exclude)metrics", ":(exclude,glob)**/.gitignore")
+
+
 def git_commit(root: Path) -> str:
-    """HEAD's commit, with "-dirty" when tracked files differ from it ("" outside git)."""
+    """HEAD's commit, with "-dirty" when tracked code or params differ from it ("" outside git)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_WRITTEN]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
     return sha + ("-dirty" if dirty else "")

@@ -106,3 +106,25 @@ def test_serve_without_a_prefect_server_says_how_to_start_one():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 1
     assert "realm ui --tool prefect" in out.stderr
+
+
+def test_git_commit_is_dirty_for_code_changes_but_not_for_files_the_pipeline_writes(tmp_path):
+    from flows.tracking import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "data").mkdir()
+    for rel in ("dvc.lock", "metrics/evaluate.json", "data/.gitignore", "code.py"):
+        (tmp_path / rel).write_text("v1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    clean = git_commit(tmp_path)
+    assert len(clean) == 40
+    for rel in ("dvc.lock", "metrics/evaluate.json", "data/.gitignore"):
+        (tmp_path / rel).write_text("v2\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("v2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
