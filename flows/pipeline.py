@@ -11,6 +11,7 @@ MLflow parent run, hands its id to the stage processes through the environment, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.env import project_root
-from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, prefect_flow_run_id
+from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id
 from realm_core.config import Params, ParamsError, flatten, load_params
+from realm_core.paths import Paths
 
 
 class PipelineError(RuntimeError):
@@ -89,11 +91,9 @@ def stage_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 
 def read_metrics(root: Path) -> dict[str, dict[str, float]]:
-    import json
-
     out = {}
     for stage in STAGES:
-        file = root / "metrics" / f"{stage}.json"
+        file = Paths(root).metrics(stage)
         if file.exists():
             out[stage] = json.loads(file.read_text())
     return out
@@ -118,10 +118,7 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
     try:
         # DVC's and the stages' output goes straight to the terminal (live progress bars).
         returncode = subprocess.run(cmd, cwd=root_dir, env=stage_environment(parent)).returncode
-        params = load_params(root_dir / "params.yaml")  # after `exp run -S`, the experiment's values
-        flat = [Param(k, str(v)) for k, v in params.flat().items()]
-        for i in range(0, len(flat), 100):
-            client.log_batch(parent, params=flat[i : i + 100])
+        log_params(client, parent, load_params(root_dir / "params.yaml"))  # after `exp run -S`: the experiment's values
         children = stage_runs(client, experiment_id, parent)
         table = [{"stage": s, "status": "ran" if s in children else "skipped (up to date)", "mlflow_run": children.get(s, ("", ""))[0], "mlflow_status": children.get(s, ("", ""))[1]} for s in STAGES]
         create_table_artifact(key="stages", table=table, description=f"Stages of this pipeline run; MLflow parent run {parent}")

@@ -12,6 +12,7 @@ thread-local and Prefect may run task code in worker threads (DESIGN.md 2, pitfa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import subprocess
@@ -192,16 +193,19 @@ class StageContext:
         self.final = {k: float(v) for k, v in metrics.items()}
 
 
-def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params: Params, paths: Paths) -> None:
+def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
+    """params.yaml flattened ("finetune.lr"), in batches of MLflow's 100-param limit."""
     flat = [Param(k, str(v)) for k, v in params.flat().items()]
     for i in range(0, len(flat), 100):
         client.log_batch(run_id, params=flat[i : i + 100])
+
+
+def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params: Params, paths: Paths) -> None:
+    log_params(client, run_id, params)
     datasets = []
     for name in STAGE_INPUTS.get(stage, ()):
         file = getattr(paths, name)
         if file.exists():
-            import hashlib
-
             digest = hashlib.md5(file.read_bytes()).hexdigest()
             datasets.append(DatasetInput(Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", "input")]))
     if datasets:
