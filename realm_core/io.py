@@ -64,6 +64,14 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+def decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    """One line of a UTF-8 text file; bad bytes raise InputError naming file:line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; errors name file:line."""
     path = Path(path)
@@ -71,10 +79,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InputError(f"{path}: file not found")
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from None
+            line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
