@@ -55,6 +55,12 @@ class PretrainParams(_Section):
     refresh_every: int = Field(20, ge=0, description="0 = never refresh")
     max_masks: int = Field(10, ge=1)
     embed_batch_size: int = Field(64, ge=1)
+    # REALM Table 2 ablations, flipped with `dvc exp run -S pretrain.<key>=...`
+    masking: Literal["salient", "random_tokens", "random_spans"] = Field("salient", description="section 3.4; the others are ablations")
+    null_block: bool = Field(True, description="prepend the null block to the candidates (section 3.4)")
+    exclude_source: bool = Field(True, description="never retrieve the query's own block (section 3.4)")
+    loss_form: Literal["per_token", "product"] = Field("per_token", description="marginalise per masked token, or over the product")
+    retriever_init: Literal["ict", "bert"] = Field("ict", description="ict = ORQA warm start; bert = no warm start (ablation)")
 
 
 class FinetuneParams(_Section):

@@ -39,31 +39,81 @@ class MaskedQuery:
     targets: list[int]  # the original wordpieces there
 
 
+MASKINGS = ("salient", "random_tokens", "random_spans")
+
+
+def _masked_query(store: BlockStore, block_id: int, sentence: list[int], masked: list[int]) -> MaskedQuery:
+    """`[CLS] sentence [SEP]` with every wordpiece at `masked` (0-based in the sentence) -> [MASK]."""
+    tok = store.tokenizer
+    ids = [tok.cls_token_id, *sentence, tok.sep_token_id]
+    targets = [ids[p + 1] for p in masked]
+    for p in masked:
+        ids[p + 1] = tok.mask_token_id
+    return MaskedQuery(block_id, ids, [p + 1 for p in masked], targets)
+
+
+def _sentences(store: BlockStore, max_query_tokens: int):
+    """(block, sentence start/end chars, sentence wordpieces cut to the query length, their offsets)."""
+    for block in store.blocks:
+        for s_start, s_end in block.sentences:
+            i, j = store.sentence_token_range(block.id, s_start, s_end)
+            j = min(j, i + max_query_tokens - 2)
+            if j > i:
+                yield block, s_start, s_end, store.body_ids[block.id][i:j], store.body_offsets[block.id][i:j]
+
+
 def salient_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int) -> list[MaskedQuery]:
     """All (sentence, salient span) pairs as masked queries (section 3.4).
 
     Every wordpiece of the span becomes [MASK] (no 80/10/10); spans of more than `max_masks`
     wordpieces, and spans that the query length limit would cut, are skipped.
     """
-    tok = store.tokenizer
     queries = []
-    for block in store.blocks:
-        for s_start, s_end in block.sentences:
-            i, j = store.sentence_token_range(block.id, s_start, s_end)
-            sentence = store.body_ids[block.id][i:j]
-            offsets = store.body_offsets[block.id][i:j]
-            for a, b, _label in block.spans:
-                if not (s_start <= a and b <= s_end):
-                    continue
-                masked = [p for p, (oa, ob) in enumerate(offsets) if oa < b and ob > a]
-                if not masked or len(masked) > max_masks or masked[-1] + 2 >= max_query_tokens:
-                    continue
-                ids = [tok.cls_token_id, *sentence[: max_query_tokens - 2], tok.sep_token_id]
-                targets = [ids[p + 1] for p in masked]
-                for p in masked:
-                    ids[p + 1] = tok.mask_token_id
-                queries.append(MaskedQuery(block.id, ids, [p + 1 for p in masked], targets))
+    for block, s_start, s_end, sentence, offsets in _sentences(store, max_query_tokens):
+        for a, b, _label in block.spans:
+            if not (s_start <= a and b <= s_end):
+                continue
+            masked = [p for p, (oa, ob) in enumerate(offsets) if oa < b and ob > a]
+            if not masked or len(masked) > max_masks or (b > offsets[-1][1]):  # none, too long, or cut off
+                continue
+            queries.append(_masked_query(store, block.id, sentence, masked))
     return queries
+
+
+def random_token_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, prob: float = 0.15) -> list[MaskedQuery]:
+    """Ablation "random token masks" (REALM Table 2): 15% of a sentence's wordpieces (at least 1,
+    at most `max_masks`), chosen uniformly, all replaced by [MASK]; one query per sentence."""
+    rng = random.Random(seed)
+    queries = []
+    for block, _, _, sentence, _ in _sentences(store, max_query_tokens):
+        n = max(1, min(max_masks, round(prob * len(sentence))))
+        queries.append(_masked_query(store, block.id, sentence, sorted(rng.sample(range(len(sentence)), n))))
+    return queries
+
+
+def random_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, p: float = 0.2) -> list[MaskedQuery]:
+    """Ablation "random span masks" (REALM Table 2, after SpanBERT): one contiguous span per
+    sentence, length ~ Geometric(p) clipped to `max_masks` and the sentence, uniform start."""
+    rng = random.Random(seed)
+    queries = []
+    for block, _, _, sentence, _ in _sentences(store, max_query_tokens):
+        length = 1
+        while rng.random() > p and length < min(max_masks, len(sentence)):
+            length += 1
+        start = rng.randrange(len(sentence) - length + 1)
+        queries.append(_masked_query(store, block.id, sentence, list(range(start, start + length))))
+    return queries
+
+
+def make_queries(store: BlockStore, masking: str, max_query_tokens: int, max_masks: int, seed: int) -> list[MaskedQuery]:
+    """The pre-training queries for `pretrain.masking` (salient = REALM; the others are its ablations)."""
+    if masking == "salient":
+        return salient_span_queries(store, max_query_tokens, max_masks)
+    if masking == "random_tokens":
+        return random_token_queries(store, max_query_tokens, max_masks, seed)
+    if masking == "random_spans":
+        return random_span_queries(store, max_query_tokens, max_masks, seed)
+    raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
 
 
 def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
@@ -87,13 +137,34 @@ class RefreshLog:
 
 
 class Pretrainer:
-    def __init__(self, retriever: Retriever, encoder: KnowledgeAugmentedEncoder, store: BlockStore, *, top_k: int, device: torch.device, embed_batch_size: int = 64, loss_form: str = "per_token"):
+    """One REALM pre-training step at a time, over a stale index of the blocks.
+
+    `null_block=False` and `exclude_source=False` are REALM's ablations (section 3.4 explains
+    why both exist): without the null block every candidate is a retrieved block (and retrieval
+    utility, defined against the null block, is not logged); without source exclusion the
+    sentence's own block may be retrieved and the task becomes trivial.
+    """
+
+    def __init__(
+        self,
+        retriever: Retriever,
+        encoder: KnowledgeAugmentedEncoder,
+        store: BlockStore,
+        *,
+        top_k: int,
+        device: torch.device,
+        embed_batch_size: int = 64,
+        loss_form: str = "per_token",
+        null_block: bool = True,
+        exclude_source: bool = True,
+    ):
         if top_k < 2:
             raise ValueError("pretrain.top_k counts the null block, so it must be at least 2")
         if len(store) < top_k:
             raise ValueError(f"pretrain.top_k={top_k} needs at least {top_k} blocks (null block + {top_k - 1} retrieved, source excluded); the corpus has {len(store)}")
         self.retriever, self.encoder, self.store = retriever.to(device), encoder.to(device), store
         self.top_k, self.device, self.embed_batch_size, self.loss_form = top_k, device, embed_batch_size, loss_form
+        self.null_block, self.exclude_source = null_block, exclude_source
         self.index: DenseIndex | None = None
         self.refresh_log = RefreshLog()
 
@@ -109,16 +180,17 @@ class Pretrainer:
         return seconds
 
     def candidates(self, query_emb: torch.Tensor, batch: list[MaskedQuery]) -> list[list[int | None]]:
-        """[null, z_1, ..., z_{k-1}] per query, retrieved from the stale index."""
+        """[null, z_1, ..., z_{k-1}] per query (without the null block: [z_1, ..., z_k]), from the stale index."""
         assert self.index is not None, "call refresh_index() before training"
-        want = self.top_k - 1
+        want = self.top_k - 1 if self.null_block else self.top_k
         _, ids = self.index.search(query_emb.detach().float().cpu().numpy(), want + 1 + 4)  # +1 source, +4 spare
         out = []
         for row, q in zip(ids, batch):
-            chosen = select_candidates(row, q.block_id, want)
+            source = q.block_id if self.exclude_source else -1
+            chosen = select_candidates(row, source, want)
             if len(chosen) < want:  # tiny corpora: pad from the rest so k stays constant
-                chosen += [b for b in range(len(self.store)) if b != q.block_id and b not in chosen][: want - len(chosen)]
-            out.append([None, *chosen])
+                chosen += [b for b in range(len(self.store)) if b != source and b not in chosen][: want - len(chosen)]
+            out.append([None, *chosen] if self.null_block else chosen)
         return out
 
     def forward(self, batch: list[MaskedQuery]) -> dict[str, torch.Tensor]:
@@ -142,12 +214,11 @@ class Pretrainer:
         rep = lambda t: t.repeat_interleave(self.top_k, 0).to(dev)  # noqa: E731  [B*k, M]
         logp = self.encoder.token_log_probs(**inputs, mask_positions=rep(positions), targets=rep(targets)).view(len(batch), self.top_k, m)
         token_mask = token_mask.to(dev)
-        return {
-            "loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form),
-            "retrieval_utility": retrieval_utility(logits.detach(), logp.detach(), token_mask),
-            "null_prob": logits.detach().softmax(-1)[:, 0].mean(),
-            "candidates": cands,
-        }
+        out = {"loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form), "candidates": cands}
+        if self.null_block:  # both are defined against the null block (candidate 0)
+            out["retrieval_utility"] = retrieval_utility(logits.detach(), logp.detach(), token_mask)
+            out["null_prob"] = logits.detach().softmax(-1)[:, 0].mean()
+        return out
 
 
 def pretrain(
@@ -163,7 +234,7 @@ def pretrain(
 ) -> dict[str, float]:
     """Train both towers and the encoder; returns summary metrics of the run."""
     if not queries:
-        raise ValueError("no pre-training queries: no sentence holds a salient span of at most pretrain.max_masks wordpieces")
+        raise ValueError("no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces")
     rng = random.Random(seed)
     params = list(trainer.retriever.parameters()) + list(trainer.encoder.parameters())
     optimizer, schedule = adamw_with_warmup(params, lr, steps)
@@ -182,12 +253,11 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        ru = out["retrieval_utility"].item()
-        recent_ru.append(ru)
-        log({"loss": out["loss"].item(), "retrieval_utility": ru, "null_prob": out["null_prob"].item(), "index_staleness": step - trainer.refresh_log.built_at_step}, step)
-    tail = recent_ru[-max(1, len(recent_ru) // 4) :] or [0.0]
-    return {
-        "refreshes": float(trainer.refresh_log.refreshes - 1),
-        "retrieval_utility_last_quarter": float(np.mean(tail)),
-        "queries": float(len(queries)),
-    }
+        row = {"loss": out["loss"].item(), "index_staleness": step - trainer.refresh_log.built_at_step}
+        row.update({k: out[k].item() for k in ("retrieval_utility", "null_prob") if k in out})
+        recent_ru += [row["retrieval_utility"]] if "retrieval_utility" in row else []
+        log(row, step)
+    summary = {"refreshes": float(trainer.refresh_log.refreshes - 1), "queries": float(len(queries))}
+    if recent_ru:
+        summary["retrieval_utility_last_quarter"] = float(np.mean(recent_ru[-max(1, len(recent_ru) // 4) :]))
+    return summary

@@ -37,7 +37,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.paths import Paths
-from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
+from realm_core.pretrain import Pretrainer, make_queries, pretrain
 
 
 def seed_everything(seed: int) -> None:
@@ -58,7 +58,7 @@ def train_ict_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger)
     seed_everything(params.seed)
     store = load_store(params, paths)
     device = resolve_device(params.device)
-    retriever = Retriever.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers, params.model.retriever_dim, params.model.pooling)
+    retriever = new_retriever(params)
     get_run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
     c = params.ict
     train_ict(retriever, store, steps=c.steps, batch_size=c.batch_size, lr=c.lr, remove_prob=c.remove_prob, max_query_tokens=params.model.max_query_tokens, seed=params.seed, device=device, log=log)
@@ -78,6 +78,16 @@ def warmup_mlm_head_task(params: Params, paths: Paths, out_dir: Path, log: StepL
     return out_dir / "encoder"
 
 
+def new_retriever(params: Params) -> Retriever:
+    m = params.model
+    return Retriever.from_backbone(backbone_dir(m.backbone), m.num_hidden_layers, m.retriever_dim, m.pooling)
+
+
+def initial_retriever(params: Params, paths: Paths) -> Retriever:
+    """The ICT warm-started retriever, or (ablation `pretrain.retriever_init: bert`) a fresh one."""
+    return load_retriever(paths.ict / "retriever") if params.pretrain.retriever_init == "ict" else new_retriever(params)
+
+
 @task(cache_policy=NO_CACHE)
 def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) -> dict[str, float]:
     """REALM pre-training from the ICT retriever and the warmed-up encoder; saves both."""
@@ -85,9 +95,19 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     store = load_store(params, paths)
     device = resolve_device(params.device)
     c = params.pretrain
-    queries = salient_span_queries(store, params.model.max_query_tokens, c.max_masks)
-    get_run_logger().info("%d salient-span queries over %d blocks", len(queries), len(store))
-    trainer = Pretrainer(load_retriever(paths.ict / "retriever"), load_encoder(paths.ict / "encoder"), store, top_k=c.top_k, device=device, embed_batch_size=c.embed_batch_size)
+    queries = make_queries(store, c.masking, params.model.max_query_tokens, c.max_masks, params.seed)
+    get_run_logger().info("%d %s-masking queries over %d blocks", len(queries), c.masking, len(store))
+    trainer = Pretrainer(
+        initial_retriever(params, paths),
+        load_encoder(paths.ict / "encoder"),
+        store,
+        top_k=c.top_k,
+        device=device,
+        embed_batch_size=c.embed_batch_size,
+        loss_form=c.loss_form,
+        null_block=c.null_block,
+        exclude_source=c.exclude_source,
+    )
     summary = pretrain(trainer, queries, steps=c.steps, batch_size=c.batch_size, lr=c.lr, refresh_every=c.refresh_every, seed=params.seed, log=log)
     save_retriever(trainer.retriever.cpu(), out_dir / "retriever")
     save_encoder(trainer.encoder.cpu(), out_dir / "encoder")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from realm_core.blocks import BlockStore, embed_blocks
+from realm_core.blocks import embed_blocks
 from realm_core.finetune import OpenQA, Question, enumerate_spans, finetune
 from realm_core.ict import ict_example, train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
@@ -18,7 +18,6 @@ from realm_core.modeling import (
     SpanReader,
     load_encoder,
     load_retriever,
-    load_tokenizer,
     marginal_log_likelihood,
     marginal_over_correct,
     retrieval_utility,
@@ -26,25 +25,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries, select_candidates
-from tests.tiny import make_tiny_bert, write_blocks
-
-CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    bert = make_tiny_bert(root / "bert")
-    store = BlockStore.load(write_blocks(root / "blocks.jsonl"), load_tokenizer(bert), max_block_tokens=64)
-    return bert, store
-
-
-@pytest.fixture()
-def models(tiny):
-    bert, store = tiny
-    torch.manual_seed(0)
-    return Retriever.from_backbone(bert, None, 16), KnowledgeAugmentedEncoder.from_backbone(bert, None)
-
+from tests.conftest import CPU
 
 # ------------------------------------------------------------------ marginal likelihood
 
