@@ -78,6 +78,7 @@ def run(
     set_params: Annotated[list[str] | None, typer.Option("-S", "--set-param", help="section.key=value; makes a DVC experiment (dvc exp run -S)")] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
     name: Annotated[str | None, typer.Option("--name", help="experiment name (implies dvc exp run)")] = None,
+    temp: Annotated[bool, typer.Option("--temp", help="run the experiment in a temporary copy; the workspace stays as it is")] = False,
 ) -> None:
     """Run the pipeline: only stale stages run (DVC), one MLflow parent run, a nested run per stage."""
     root = configure()
@@ -85,7 +86,7 @@ def run(
 
     try:
         check_overrides(root / "params.yaml", set_params or [])  # fail before Prefect starts
-        result = pipeline_flow(set_params=set_params or [], force=force, name=name, root=str(root))
+        result = pipeline_flow(set_params=set_params or [], force=force, name=name, root=str(root), temp=temp)
     except (*_user_errors(), PipelineError) as exc:
         _fail(str(exc))
     _print_summary(result)

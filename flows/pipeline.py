@@ -54,11 +54,15 @@ def check_overrides(params_file: Path, overrides: list[str]) -> None:
         raise ParamsError(f"-S {' -S '.join(overrides)}: {exc}") from None
 
 
-def dvc_command(overrides: list[str], force: bool, name: str | None) -> list[str]:
-    """argv for DVC (never a shell string: params values reach DVC as separate arguments)."""
+def dvc_command(overrides: list[str], force: bool, name: str | None, temp: bool = False) -> list[str]:
+    """argv for DVC (never a shell string: params values reach DVC as separate arguments).
+
+    `temp` runs the experiment in a temporary copy of the repo (`dvc exp run --temp`), leaving
+    the workspace's params, outputs and dvc.lock untouched.
+    """
     dvc = [sys.executable, "-m", "dvc"]
-    if overrides or name:
-        cmd = [*dvc, "exp", "run", *(a for o in overrides for a in ("-S", o))]
+    if overrides or name or temp:
+        cmd = [*dvc, "exp", "run", *(["--temp"] if temp else []), *(a for o in overrides for a in ("-S", o))]
         if name:
             cmd += ["--name", name]
     else:
@@ -100,7 +104,7 @@ def read_metrics(root: Path) -> dict[str, dict[str, float]]:
 
 
 @flow(name="realm-pipeline", log_prints=True)
-def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name: str | None = None, root: str | None = None) -> dict:
+def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name: str | None = None, root: str | None = None, temp: bool = False) -> dict:
     """Run the stale stages (or an experiment) through DVC under one MLflow parent run."""
     logger = get_run_logger()
     root_dir = project_root(Path(root) if root else None)
@@ -111,7 +115,7 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
     experiment_id = ensure_experiment(client, root_dir)
     tags = {"realm.stage": "pipeline", "git.commit": git_commit(root_dir), "prefect.flow_run_id": prefect_flow_run_id(), "mlflow.source.name": "realm run"}
     parent = client.create_run(experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags).info.run_id
-    cmd = dvc_command(overrides, force, name)
+    cmd = dvc_command(overrides, force, name, temp)
     client.set_tag(parent, "dvc.command", " ".join(cmd[2:]))
     logger.info("MLflow parent run %s; running: %s", parent, " ".join(cmd[2:]))
     status = "FAILED"
@@ -125,6 +129,9 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
         if returncode != 0:
             raise PipelineError(f"`{' '.join(cmd[2:])}` exited with {returncode}; the failing stage's error is printed above")
         metrics = read_metrics(root_dir)
+        if "evaluate" in children:  # this run's own evaluation (the workspace files predate a --temp run)
+            final = client.get_run(children["evaluate"][0]).data.metrics
+            metrics["evaluate"] = {k.removeprefix("final_"): v for k, v in final.items() if k.startswith("final_")}
         now = int(time.time() * 1000)
         client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.get("evaluate", {}).items()])
         status = "FINISHED"

@@ -8,6 +8,7 @@ same blocks and questions.
 
 from __future__ import annotations
 
+import torch
 from tqdm.auto import tqdm
 
 from realm_core.blocks import BlockStore
@@ -45,3 +46,18 @@ def evaluate_open_qa(model: OpenQA, questions: list[Question], *, recall_at: lis
     for p, ranking in zip(predictions, bm25):
         p["bm25_retrieved"] = ranking
     return metrics, predictions
+
+
+def retriever_recall(model: OpenQA, questions: list[Question], *, recall_at: list[int], batch_size: int = 16) -> dict[str, float]:
+    """Recall@k of the model's query embedder over its index, without the reader.
+
+    With the pre-trained query embedder and the index of the pre-trained document embedder this
+    is the zero-shot retrieval recall of REALM's Table 2 (no fine-tuning involved).
+    """
+    depth = max(recall_at)
+    rankings: list[list[int]] = []
+    with torch.no_grad():
+        for start in range(0, len(questions), batch_size):
+            _, _, ids = model.retrieve([q.question for q in questions[start : start + batch_size]], depth)
+            rankings += ids.tolist()
+    return {k: 100.0 * v for k, v in recall_at_k(hits_table(model.store, rankings, questions), recall_at).items()}

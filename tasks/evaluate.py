@@ -1,4 +1,5 @@
-"""Prefect task for the evaluate stage: EM and recall@k of the fine-tuned model, and BM25's recall."""
+"""Prefect task for the evaluate stage: EM and recall@k of the fine-tuned model, the zero-shot
+recall of the pre-trained retriever, and BM25's recall."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from realm_core.config import Params
-from realm_core.evaluate import evaluate_open_qa
+from realm_core.evaluate import evaluate_open_qa, retriever_recall
 from realm_core.finetune import load_questions
 from realm_core.io import write_jsonl
 from realm_core.modeling import load_reader
@@ -24,4 +25,7 @@ def evaluate_task(params: Params, paths: Paths, out_dir: Path) -> dict[str, floa
     get_run_logger().info("evaluating %d held-out questions over %d blocks", len(questions), len(model.store))
     metrics, predictions = evaluate_open_qa(model, questions, recall_at=params.evaluate.recall_at, top_k=params.evaluate.top_k)
     write_jsonl(out_dir / "predictions.jsonl", predictions)
+    # Zero-shot: the pre-trained query embedder over the same frozen index (REALM Table 2).
+    zero_shot = load_open_qa(params, paths, paths.pretrain / "retriever" / "query", model.reader, paths.finetune / "index")
+    metrics.update({f"zero_shot_{k}": v for k, v in retriever_recall(zero_shot, questions, recall_at=params.evaluate.recall_at).items()})
     return {k.replace("@", "_at_"): v for k, v in metrics.items()}

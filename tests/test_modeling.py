@@ -281,3 +281,16 @@ def test_mean_pooling_is_masked_and_survives_a_round_trip(tiny, tmp_path):
     assert loaded.pooling == "mean"
     with torch.no_grad():
         assert torch.allclose(loaded(ids, torch.ones_like(ids), torch.zeros_like(ids)), a, atol=1e-6)
+
+
+def test_retriever_recall_matches_the_retrieval_inside_evaluation(tiny, models):
+    """Zero-shot recall uses the same retrieval as the full evaluation, minus the reader."""
+    from realm_core.evaluate import evaluate_open_qa, retriever_recall
+
+    model = _open_qa(tiny, models)
+    model.query.eval(), model.reader.eval()
+    questions = [Question("[MASK] is the capital of France.", ["Paris"]), Question("Mozart lived in [MASK].", ["Vienna"]), Question("Who painted it?", ["Leonardo"])]
+    full, _ = evaluate_open_qa(model, questions, recall_at=[1, 5], top_k=2)
+    alone = retriever_recall(model, questions, recall_at=[1, 5])
+    assert alone == {"recall@1": full["realm_recall@1"], "recall@5": full["realm_recall@5"]}
+    assert alone["recall@5"] <= 100.0 * 2 / 3  # nothing holds "Leonardo"

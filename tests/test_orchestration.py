@@ -48,6 +48,8 @@ def test_dvc_argv_is_repro_or_exp_run_and_never_a_shell_string():
     assert repro[1:] == ["-m", "dvc", "repro"]
     exp = dvc_command(["finetune.lr=3e-5; rm -rf /"], force=True, name="lr")
     assert exp[3:] == ["exp", "run", "-S", "finetune.lr=3e-5; rm -rf /", "--name", "lr", "--force"]
+    temp = dvc_command(["pretrain.null_block=false"], force=False, name=None, temp=True)
+    assert temp[3:] == ["exp", "run", "--temp", "-S", "pretrain.null_block=false"]
 
 
 def test_step_recorder_merges_rows_by_step_and_writes_a_curve(tmp_path):

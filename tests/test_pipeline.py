@@ -121,7 +121,7 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
     assert len(client.get_metric_history(children["ict"].info.run_id, "ict_loss")) == TINY_PARAMS["ict"]["steps"]
 
     evaluation = json.loads((proj / "metrics" / "evaluate.json").read_text())
-    assert {"exact_match", "realm_recall_at_5", "bm25_recall_at_5"} <= set(evaluation)
+    assert {"exact_match", "realm_recall_at_5", "zero_shot_recall_at_5", "bm25_recall_at_5"} <= set(evaluation)
     assert evaluation["questions"] > 0
     assert parents[0].data.metrics["exact_match"] == pytest.approx(evaluation["exact_match"])
 
@@ -156,9 +156,11 @@ def test_one_stage_alone_gets_its_own_top_level_run(project):
     assert "mlflow.parentRunId" not in new[0].data.tags
 
 
-def test_an_experiment_is_recorded_by_dvc_and_mlflow(project):
+def test_an_experiment_in_a_temporary_copy_is_recorded_by_dvc_and_mlflow(project):
     proj, env = project
-    _sh([str(BIN / "realm"), "run", "-S", "finetune.steps=2", "--name", "short"], proj, env)
+    workspace = {f: (proj / f).read_bytes() for f in ("params.yaml", "dvc.lock", "metrics/evaluate.json")}
+    out = _sh([str(BIN / "realm"), "run", "--temp", "-S", "finetune.steps=2", "--name", "short"], proj, env)
+    assert {f: (proj / f).read_bytes() for f in workspace} == workspace  # --temp leaves the workspace alone
     shown = _sh([str(BIN / "dvc"), "exp", "show", "--csv"], proj, env).stdout
     assert "short" in shown
     _, runs = _runs(proj)
@@ -167,6 +169,9 @@ def test_an_experiment_is_recorded_by_dvc_and_mlflow(project):
     assert sorted(children) == ["evaluate", "finetune"]
     assert children["finetune"].data.tags.get("dvc.exp_name") == "short"
     assert children["finetune"].data.params["finetune.steps"] == "2"
+    # the printed table is this experiment's evaluation, not the workspace's
+    assert f"{children['evaluate'].data.metrics['final_exact_match']:.4f}" in out.stdout
+    assert "final_zero_shot_recall_at_5" in children["evaluate"].data.metrics
     metrics = _sh([str(BIN / "dvc"), "metrics", "show", "--json"], proj, env).stdout
     assert "exact_match" in metrics
 
