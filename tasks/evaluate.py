@@ -10,9 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from realm_core.config import Params
 from realm_core.evaluate import evaluate_open_qa, retriever_recall
-from realm_core.finetune import load_questions
+from realm_core.finetune import OpenQA, load_questions
 from realm_core.io import write_jsonl
-from realm_core.modeling import load_reader
+from realm_core.modeling import load_embedder, load_reader
 from realm_core.paths import Paths
 from tasks.training import load_open_qa, seed_everything
 
@@ -26,6 +26,8 @@ def evaluate_task(params: Params, paths: Paths, out_dir: Path) -> dict[str, floa
     metrics, predictions = evaluate_open_qa(model, questions, recall_at=params.evaluate.recall_at, top_k=params.evaluate.top_k)
     write_jsonl(out_dir / "predictions.jsonl", predictions)
     # Zero-shot: the pre-trained query embedder over the same frozen index (REALM Table 2).
-    zero_shot = load_open_qa(params, paths, paths.pretrain / "retriever" / "query", model.reader, paths.finetune / "index")
+    # Shares the loaded blocks and index; only the query tower differs.
+    pretrained_query = load_embedder(paths.pretrain / "retriever" / "query")
+    zero_shot = OpenQA(pretrained_query, model.reader, model.store, model.index, device=model.device, max_query_tokens=model.max_query_tokens, max_span=model.max_span)
     metrics.update({f"zero_shot_{k}": v for k, v in retriever_recall(zero_shot, questions, recall_at=params.evaluate.recall_at).items()})
     return {k.replace("@", "_at_"): v for k, v in metrics.items()}
