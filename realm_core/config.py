@@ -34,7 +34,7 @@ class CorpusParams(_Section):
     qa_dev_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     qa_train: str | None = None
     qa_dev: str | None = None
-    shards: int = Field(2, ge=1)
+    shards: int = Field(2, ge=1, description="corpus preprocessing and block embedding map over this many shards")
 
 
 class IctParams(_Section):
@@ -45,6 +45,7 @@ class IctParams(_Section):
     mlm_warmup_steps: int = Field(60, ge=0)
     mlm_batch_size: int = Field(16, ge=1)
     mlm_lr: float = Field(1e-3, gt=0)
+    checkpoint_every: int = Field(20, ge=0, description="save resumable state to runs/ict every N steps; 0 = off")
 
 
 class PretrainParams(_Section):
@@ -53,6 +54,11 @@ class PretrainParams(_Section):
     lr: float = Field(3e-5, gt=0)
     top_k: int = Field(8, ge=2, description="candidates incl. the null block; REALM: 8")
     refresh_every: int = Field(20, ge=0, description="0 = never refresh")
+    refresh_mode: Literal["async", "sync"] = Field("async", description="async = index builder in a separate process (section 3.3); sync = in the trainer")
+    max_staleness: int = Field(0, ge=0, description="async: wait for a pending index once it is this many steps old; 0 = never wait")
+    refresh_threads: int = Field(1, ge=1, description="async: CPU threads of the index builder (the trainer keeps the rest)")
+    best_window: int = Field(10, ge=1, description="steps per window of mean retrieval utility that picks the best checkpoint")
+    checkpoint_every: int = Field(20, ge=0, description="save resumable state to runs/pretrain every N steps (a multiple of refresh_every resumes exactly in sync mode); 0 = off")
     max_masks: int = Field(10, ge=1)
     embed_batch_size: int = Field(64, ge=1)
     # REALM Table 2 ablations, flipped with `dvc exp run -S pretrain.<key>=...`
@@ -68,9 +74,10 @@ class FinetuneParams(_Section):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)
     top_k: int = Field(4, ge=1)
-    retriever_top_k: int = Field(100, ge=1)
+    retriever_top_k: int = Field(5000, ge=1, description="blocks in the retriever's marginal likelihood (ORQA: 5000), capped by the corpus size")
     max_span_tokens: int = Field(10, ge=1)
     span_hidden: int = Field(256, ge=1)
+    checkpoint_every: int = Field(20, ge=0, description="save resumable state to runs/finetune every N steps; 0 = off")
 
 
 class EvaluateParams(_Section):
@@ -85,15 +92,56 @@ class EvaluateParams(_Section):
         return sorted(set(v))
 
 
+class HnswParams(_Section):
+    """faiss IndexHNSWFlat knobs (graph search; no training; stores the full vectors)."""
+
+    m: int = Field(32, ge=2, description="graph neighbours per node (faiss M); costs about 2*M*4 bytes a vector")
+    ef_construction: int = Field(40, ge=1, description="beam width while building: higher = better graph, slower build")
+    ef_search: int = Field(128, ge=1, description="beam width per query: higher = better recall, slower queries")
+
+
+class IvfPqParams(_Section):
+    """faiss IndexIVFPQ knobs (trained k-means cells + product-quantised codes, exact re-ranking)."""
+
+    nlist: int = Field(1024, ge=1, description="k-means cells; about 4*sqrt(N); training needs >= nlist vectors")
+    m: int = Field(32, ge=1, description="PQ subquantizers; must divide the embedding dim; a code is m*nbits/8 bytes")
+    nbits: int = Field(8, ge=1, le=16, description="bits per subquantizer code; training needs >= 2**nbits vectors")
+    nprobe: int = Field(32, ge=1, description="cells visited per query (<= nlist)")
+    refine_factor: int = Field(10, ge=1, description="re-rank k*refine_factor PQ candidates by the exact inner product; 1 = PQ order")
+    train_size: int = Field(65536, ge=1, description="vectors sampled (seeded) to train the cells and codebooks")
+
+
+class IndexParams(_Section):
+    """Which faiss index serves maximum inner product search (REALM section 3.2; DESIGN.md 4)."""
+
+    type: Literal["flat", "hnsw", "ivf_pq"] = Field("flat", description="flat = exact IndexFlatIP; hnsw / ivf_pq = approximate")
+    mmap: bool = Field(False, description="memory-map the saved faiss index and embeddings on load instead of reading them into RAM")
+    hnsw: HnswParams = Field(default_factory=HnswParams)
+    ivf_pq: IvfPqParams = Field(default_factory=IvfPqParams)
+
+
+class RunnerParams(_Section):
+    """Where the shard maps (corpus preprocessing, block embedding) run: flows/runners.py.
+
+    Execution only: results do not depend on it, so no DVC stage lists it as a param.
+    """
+
+    type: Literal["thread", "dask", "ray"] = Field("thread", description="thread pool, prefect-dask or prefect-ray")
+    workers: int = Field(2, ge=1, description="threads (thread), local worker processes (dask) or CPUs (local ray)")
+    address: str | None = Field(None, description="an existing Dask scheduler / Ray cluster; null = start one locally")
+
+
 class Params(_Section):
     seed: int = 13
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    runner: RunnerParams = Field(default_factory=RunnerParams)
     model: ModelParams = Field(default_factory=ModelParams)
     corpus: CorpusParams = Field(default_factory=CorpusParams)
     ict: IctParams = Field(default_factory=IctParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    index: IndexParams = Field(default_factory=IndexParams)
 
     def flat(self) -> dict[str, Any]:
         """`{"pretrain.lr": 3e-05, ...}`: the form MLflow params and `dvc exp run -S` use."""
@@ -139,8 +187,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(text) or {}
         root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line naming file:line, not PyYAML's multi-line report
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(
+            f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({problem}); fix the syntax there: "
+            "each section is `name:` with its keys indented below it as `key: value`"
+        ) from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}:1: expected a mapping of sections, got {type(raw).__name__}")
     try:
