@@ -31,6 +31,22 @@ class Block:
     spans: list[tuple[int, int, str]]
 
 
+def read_blocks(path: Path) -> list[Block]:
+    """The block records of blocks.jsonl (not tokenised); ids must be 0..N-1 in file order."""
+    blocks: list[Block] = []
+    for lineno, row in read_jsonl(path):
+        try:
+            block = Block(int(row["id"]), row["title"], row["text"], [tuple(s) for s in row["sentences"]], [tuple(s) for s in row["spans"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}:{lineno}: malformed block record ({exc!r}); regenerate it with `dvc repro corpus`") from None
+        if block.id != len(blocks):
+            raise InputError(f"{path}:{lineno}: block ids must be 0..N-1 in order, got {block.id} at position {len(blocks)}")
+        blocks.append(block)
+    if not blocks:
+        raise InputError(f"{path}: no blocks; the corpus stage produced an empty corpus")
+    return blocks
+
+
 class BlockStore:
     """All blocks of the corpus with their wordpieces; index i holds the block with id i."""
 
@@ -38,6 +54,7 @@ class BlockStore:
         self.blocks = blocks
         self.tokenizer = tokenizer
         self.max_block_tokens = max_block_tokens
+        self.source: Path | None = None  # the blocks file, when loaded from one
         body = tokenizer([b.text for b in blocks], add_special_tokens=False, return_offsets_mapping=True)
         titles = tokenizer([b.title for b in blocks], add_special_tokens=False)
         self.body_ids: list[list[int]] = body["input_ids"]
@@ -46,18 +63,10 @@ class BlockStore:
 
     @classmethod
     def load(cls, path: Path, tokenizer: PreTrainedTokenizerBase, max_block_tokens: int) -> "BlockStore":
-        blocks = []
-        for lineno, row in read_jsonl(path):
-            try:
-                block = Block(int(row["id"]), row["title"], row["text"], [tuple(s) for s in row["sentences"]], [tuple(s) for s in row["spans"]])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{path}:{lineno}: malformed block record ({exc!r}); regenerate it with `dvc repro corpus`") from None
-            if block.id != len(blocks):
-                raise InputError(f"{path}:{lineno}: block ids must be 0..N-1 in order, got {block.id} at position {len(blocks)}")
-            blocks.append(block)
-        if not blocks:
-            raise InputError(f"{path}: no blocks; the corpus stage produced an empty corpus")
-        return cls(blocks, tokenizer, max_block_tokens)
+        store = cls(read_blocks(path), tokenizer, max_block_tokens)
+        store.source = Path(path)
+        check_block_lengths(store, Path(path))
+        return store
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -96,6 +105,20 @@ class BlockStore:
 
     def query_ids(self, text: str, max_tokens: int) -> list[int]:
         return self.tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def check_block_lengths(store: BlockStore, path: Path) -> None:
+    """Every block must fit `[CLS] title [SEP] body [SEP]` in max_block_tokens wordpieces, as the
+    corpus stage packs them (REALM section 4: 288); a longer one means blocks.jsonl was built
+    with other params and would be silently truncated, so it is an error naming its line."""
+    for i, (title, body) in enumerate(zip(store.title_ids, store.body_ids)):
+        n = 3 + len(title) + len(body)
+        if n > store.max_block_tokens:
+            line = next((lineno for lineno, row in read_jsonl(path) if str(row.get("id")) == str(i)), i + 1)
+            raise InputError(
+                f"{path}:{line}: block {i} ({store.blocks[i].title!r}) has {n} wordpieces with its title, more than "
+                f"corpus.max_block_tokens={store.max_block_tokens}; rebuild the blocks with the current params (`dvc repro -f corpus`)"
+            )
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -22,9 +22,15 @@ class InputError(ValueError):
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success replace `final` with it, on error delete it."""
+    """Yield a fresh temporary directory; on success replace `final` with it, on error delete it.
+
+    The old `final` is renamed aside before the new one is renamed in, so a kill at any moment
+    leaves either the old output whole, or none; never a half-deleted one. Temporary siblings
+    left by killed processes (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) are removed first.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_siblings(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -33,9 +39,27 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def _remove_dead_siblings(final: Path) -> None:
+    """Delete `.<name>.tmp-<pid>` / `.<name>.old-<pid>` next to `final` whose process is gone."""
+    for sibling in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = sibling.name[len(final.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive: another process is writing it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -85,7 +109,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                # exc.pos, not exc.colno: an error at the end of the line is reported past its newline
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.pos + 1}); write one JSON object per line") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield lineno, obj

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerBase
 from transformers import logging as hf_logging
@@ -48,14 +49,40 @@ def backbone_dir(backbone: str) -> Path:
     return path
 
 
+# What a broken local checkpoint raises inside transformers / safetensors (missing or truncated
+# weights, config.json that is not JSON, a pytorch_model.bin refused by use_safetensors=True).
+_CHECKPOINT_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+def _bad_backbone(directory: Path, exc: Exception) -> InputError:
+    return InputError(
+        f"{directory}: cannot load this BERT checkpoint ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+        "it needs config.json, model.safetensors (pickled pytorch_model.bin is refused) and vocab.txt: "
+        "fix or replace the directory (params.yaml model.backbone), or use 'minilm'"
+    )
+
+
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(directory))
+    """The WordPiece tokenizer of a local checkpoint; without vocab.txt / tokenizer.json transformers
+    would silently build a 5-token vocabulary, so that is an error here."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such model directory; check params.yaml model.backbone")
+    if not any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+        raise InputError(f"{directory}: no tokenizer (neither vocab.txt nor tokenizer.json); copy the checkpoint's vocabulary files into it")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except _CHECKPOINT_ERRORS as exc:
+        raise _bad_backbone(directory, exc) from None
 
 
 def load_bert(directory: str | Path, num_hidden_layers: int | None = None, pooler: bool = True) -> BertModel:
-    """A BertModel from a local checkpoint, optionally truncated to its first N layers."""
+    """A BertModel from a local checkpoint (safetensors only), optionally truncated to its first N layers."""
     kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
-    return BertModel.from_pretrained(str(directory), add_pooling_layer=pooler, **kwargs)
+    try:
+        return BertModel.from_pretrained(str(directory), add_pooling_layer=pooler, use_safetensors=True, **kwargs)
+    except _CHECKPOINT_ERRORS as exc:
+        raise _bad_backbone(Path(directory), exc) from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -148,7 +175,10 @@ class KnowledgeAugmentedEncoder(nn.Module):
         its transform is freshly initialised and its decoder is tied to the word embeddings;
         `realm_core.ict.warmup_mlm_head` then trains it."""
         kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
-        mlm = BertForMaskedLM.from_pretrained(str(directory), **kwargs)
+        try:
+            mlm = BertForMaskedLM.from_pretrained(str(directory), use_safetensors=True, **kwargs)
+        except _CHECKPOINT_ERRORS as exc:
+            raise _bad_backbone(Path(directory), exc) from None
         mlm.tie_weights()
         return cls(mlm)
 
@@ -263,33 +293,76 @@ def marginal_over_correct(logits: torch.Tensor, correct: torch.Tensor, valid: to
 # ---------------------------------------------------------------------------- save / load (safetensors + JSON)
 
 
+def untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with one name per tied tensor (the first in sorted order), contiguous.
+
+    safetensors refuses shared storage. Its `save_model` records every dropped name in the file's
+    metadata, a hash map whose order varies from run to run, so identical weights (the tied MLM
+    decoder) gave files with different bytes and DVC reran every downstream stage. `load_model`
+    re-ties the dropped names from the module itself, so they need not be in the file.
+    """
+    state = module.state_dict()
+    kept: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in kept:
+            kept[key] = name
+            out[name] = t.contiguous()
+    return out
+
+
 def save_module(module: nn.Module, directory: Path, bert_config: BertConfig, extra: dict | None = None) -> None:
-    """Weights as safetensors (tied tensors handled), the BERT config and our own config as JSON."""
+    """Weights as safetensors (tied tensors once), the BERT config and our own config as JSON."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(module, str(directory / "model.safetensors"))
+    save_file(untied_state_dict(module), str(directory / "model.safetensors"), metadata={"format": "pt"})
     bert_config.to_json_file(str(directory / "config.json"))
     (directory / "realm.json").write_text(json.dumps({"class": type(module).__name__, **(extra or {})}, indent=2))
 
 
-def _read_realm_config(directory: Path, expected: str) -> tuple[BertConfig, dict]:
+RERUN = "rerun the stage that writes it (`realm run`, or `dvc repro -f <stage>`)"
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); the file is corrupt, {RERUN}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}; the file is corrupt, {RERUN}")
+    return obj
+
+
+def _read_realm_config(directory: Path, expected: str, keys: tuple[str, ...] = ()) -> tuple[BertConfig, dict]:
+    """Our saved modules: config.json (BERT), realm.json (class + our fields), model.safetensors."""
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such model directory; {RERUN}")
     for name in ("config.json", "realm.json", "model.safetensors"):
         if not (directory / name).exists():
-            raise InputError(f"{directory}: missing {name}; rerun the stage that writes it (dvc repro)")
-    meta = json.loads((directory / "realm.json").read_text())
+            raise InputError(f"{directory}: missing {name}; {RERUN}")
+    meta = _read_json_object(directory / "realm.json")
     if meta.get("class") != expected:
-        raise InputError(f"{directory}: holds a {meta.get('class')}, expected a {expected}")
-    return BertConfig.from_json_file(str(directory / "config.json")), meta
+        raise InputError(f"{directory}: holds a {meta.get('class')}, expected a {expected}; give the {expected}'s directory, or {RERUN}")
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise InputError(f"{directory / 'realm.json'}: missing {', '.join(missing)}; the file is corrupt, {RERUN}")
+    fields = _read_json_object(directory / "config.json")
+    try:
+        return BertConfig(**fields), meta
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{directory / 'config.json'}: not a BERT config ({exc}); {RERUN}") from None
 
 
 def _load_weights(module: nn.Module, directory: Path) -> None:
     try:
         load_model(module, str(directory / "model.safetensors"))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
-        raise InputError(f"{directory / 'model.safetensors'}: cannot load weights ({exc}); the file is corrupt, rerun its stage") from None
+        raise InputError(f"{directory / 'model.safetensors'}: cannot load weights ({exc}); the file is corrupt, {RERUN}") from None
 
 
 def load_embedder(directory: Path) -> Embedder:
-    config, meta = _read_realm_config(directory, "Embedder")
+    config, meta = _read_realm_config(directory, "Embedder", ("dim",))
     module = Embedder(BertModel(config, add_pooling_layer=True), meta["dim"], meta.get("pooling", "cls"))
     _load_weights(module, directory)
     return module
@@ -304,7 +377,7 @@ def load_encoder(directory: Path) -> KnowledgeAugmentedEncoder:
 
 
 def load_reader(directory: Path) -> SpanReader:
-    config, meta = _read_realm_config(directory, "SpanReader")
+    config, meta = _read_realm_config(directory, "SpanReader", ("hidden",))
     module = SpanReader(BertModel(config, add_pooling_layer=False), meta["hidden"])
     _load_weights(module, directory)
     return module
