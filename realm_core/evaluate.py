@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from realm_core.blocks import BlockStore
+from realm_core.blocks import BlockStore, query_batch
 from realm_core.bm25 import bm25_retrieve
 from realm_core.finetune import OpenQA, Question
+from realm_core.index import DenseIndex
 from realm_core.metrics import exact_match, has_answer, recall_at_k
+from realm_core.modeling import Embedder
 
 
 def _query_text(question: str) -> str:
@@ -54,10 +56,19 @@ def retriever_recall(model: OpenQA, questions: list[Question], *, recall_at: lis
     With the pre-trained query embedder and the index of the pre-trained document embedder this
     is the zero-shot retrieval recall of REALM's Table 2 (no fine-tuning involved).
     """
+    return dense_recall(model.query, model.store, model.index, questions, recall_at=recall_at, max_query_tokens=model.max_query_tokens, device=model.device, batch_size=batch_size)
+
+
+def dense_recall(query: Embedder, store: BlockStore, index: DenseIndex, questions: list[Question], *, recall_at: list[int], max_query_tokens: int, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+    """Recall@k (in %) of `query` over `index` (dropout off, the embedder's mode restored)."""
     depth = max(recall_at)
+    was_training = query.training
+    query.eval()
     rankings: list[list[int]] = []
     with torch.no_grad():
         for start in range(0, len(questions), batch_size):
-            _, _, ids = model.retrieve([q.question for q in questions[start : start + batch_size]], depth)
-            rankings += ids.tolist()
-    return {k: 100.0 * v for k, v in recall_at_k(hits_table(model.store, rankings, questions), recall_at).items()}
+            ids = [store.query_ids(q.question, max_query_tokens) for q in questions[start : start + batch_size]]
+            _, found = index.search(query(**query_batch(store, ids, device)).float().cpu().numpy(), min(depth, len(index)))
+            rankings += found.tolist()
+    query.train(was_training)
+    return {k: 100.0 * v for k, v in recall_at_k(hits_table(store, rankings, questions), recall_at).items()}

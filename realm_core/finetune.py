@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from realm_core import distributed
 from realm_core.blocks import BlockStore, pad_batch, query_batch
+from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
 from realm_core.metrics import answer_spans, has_answer
@@ -151,7 +153,16 @@ def finetune(
     reader_top_k: int,
     seed: int,
     log: StepLogger = null_logger,
+    checkpoint: Checkpointer | None = None,
 ) -> dict[str, float]:
+    """Train the query embedder and the reader; returns the last-quarter means of the step metrics.
+
+    With `checkpoint` it resumes from and saves to it, the per-step history riding along in the
+    checkpoint's `extra` so the summary equals an uninterrupted run's. Randomness: the loop's
+    `rng` (question batches) and torch's global generator (dropout), both checkpointed.
+    Under torchrun each rank trains with DDP on its equal slice of the same global batch (both
+    losses are means over questions, so DDP's average is the global batch's loss); rank 0 logs.
+    """
     if not questions:
         raise ValueError("no fine-tuning questions")
     rng = random.Random(seed)
@@ -159,17 +170,24 @@ def finetune(
     optimizer, schedule = adamw_with_warmup(params, lr, steps)
     model.query.train()
     model.reader.train()
-    history: list[dict[str, float]] = []
-    for step in trange(steps, desc="finetune", unit="step", mininterval=2.0):
-        out = model.losses(rng.sample(questions, min(batch_size, len(questions))), retriever_top_k, reader_top_k)
+    state = TrainState({"query": model.query, "reader": model.reader}, optimizer, schedule, {"batches": rng})
+    start = checkpoint.restore(state) if checkpoint else 0
+    history: list[dict[str, float]] = list(checkpoint.extra.get("history", [])) if start else []
+    batch_size = distributed.global_batch_size(batch_size, len(questions))
+    loss_fn = distributed.data_parallel(lambda batch: model.losses(batch, retriever_top_k, reader_top_k), model.query, model.reader)
+    log = distributed.master_only(log)
+    for step in trange(start, steps, desc="finetune", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+        out = loss_fn(distributed.shard(rng.sample(questions, batch_size)))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        row = {k: v.item() for k, v in out.items()}
+        row = distributed.average(out)
         history.append(row)
         log(row, step)
+        if checkpoint:
+            checkpoint.maybe_save(step + 1, state, extra={"history": history}, final=step + 1 == steps)
     tail = history[-max(1, len(history) // 4) :] or [{"loss": 0.0}]
     return {f"{k}_last_quarter": float(np.mean([r[k] for r in tail])) for k in tail[0]}
 

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import trange
 
+from realm_core import distributed
 from realm_core.blocks import BlockStore, doc_batch, pad_batch, query_batch
+from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.logging import StepLogger, null_logger
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup
 
@@ -49,12 +51,23 @@ def ict_candidates(store: BlockStore) -> list[int]:
     return [b.id for b in store.blocks if len(b.sentences) >= 2]
 
 
+def ict_logits(retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of this rank's queries against the contexts of the whole global batch, and the labels.
+
+    `examples` is this process's slice of the global batch (all of it in one process). The
+    context embeddings of every rank are gathered with their gradients, as ORQA gathered them
+    across TPU cores, so each query is scored against all global candidates: [b, B].
+    """
+    q = retriever.query(**query_batch(store, [e.query for e in examples], device))  # [b, d]
+    d = retriever.doc(**pad_batch([e.context for e in examples], [e.context_segments for e in examples], store.tokenizer.pad_token_id, device))  # [b, d]
+    logits = q @ distributed.all_gather(d).T  # [b, B]; query i's positive is global context rank*b + i
+    labels = torch.arange(len(examples), device=device) + distributed.rank() * len(examples)
+    return logits, labels
+
+
 def ict_loss(retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of each query against all contexts of the batch; returns (loss, accuracy)."""
-    q = retriever.query(**query_batch(store, [e.query for e in examples], device))  # [B, d]
-    d = retriever.doc(**pad_batch([e.context for e in examples], [e.context_segments for e in examples], store.tokenizer.pad_token_id, device))
-    logits = q @ d.T  # [B, B]; the diagonal holds the positives
-    labels = torch.arange(len(examples), device=device)
+    """Cross-entropy of each query against all contexts of the (global) batch; returns (loss, accuracy)."""
+    logits, labels = ict_logits(retriever, examples, store, device)
     return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
 
 
@@ -70,23 +83,37 @@ def train_ict(
     seed: int,
     device: torch.device,
     log: StepLogger = null_logger,
+    checkpoint: Checkpointer | None = None,
 ) -> Retriever:
+    """ICT on in-batch negatives; with `checkpoint`, resumes from and saves to it (same result as one run).
+
+    All randomness is the loop's `rng` (batches, sentences, removals) and torch's global
+    generator (dropout), both in the checkpoint. Under torchrun every rank draws the same
+    global batch of `batch_size` examples and trains on its slice with DDP, the negatives
+    gathered from all ranks (realm_core/distributed.py): the same step as one process.
+    """
     rng = random.Random(seed)
     pool = ict_candidates(store)
     if len(pool) < 2:
         raise ValueError("ICT needs at least two blocks with two or more sentences; the corpus is too small")
-    batch_size = min(batch_size, len(pool))
+    batch_size = distributed.global_batch_size(batch_size, len(pool))
     retriever.to(device).train()
     optimizer, schedule = adamw_with_warmup(retriever.parameters(), lr, steps)
-    for step in trange(steps, desc="ict", unit="step", mininterval=2.0):
+    state = TrainState({"retriever": retriever}, optimizer, schedule, {"batches": rng})
+    start = checkpoint.restore(state) if checkpoint else 0
+    loss_fn = distributed.data_parallel(lambda examples: ict_loss(retriever, examples, store, device), retriever)
+    log = distributed.master_only(log)
+    for step in trange(start, steps, desc="ict", unit="step", mininterval=2.0, disable=not distributed.is_master()):
         examples = [ict_example(store, b, rng, remove_prob, max_query_tokens) for b in rng.sample(pool, batch_size)]
-        loss, acc = ict_loss(retriever, examples, store, device)
+        loss, acc = loss_fn(distributed.shard(examples))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(retriever.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        log({"ict_loss": loss.item(), "ict_accuracy": acc.item()}, step)
+        log(distributed.average({"ict_loss": loss, "ict_accuracy": acc}), step)
+        if checkpoint:
+            checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
     return retriever
 
 
@@ -113,8 +140,15 @@ def warmup_mlm_head(
     seed: int,
     device: torch.device,
     log: StepLogger = null_logger,
+    checkpoint: Checkpointer | None = None,
 ) -> KnowledgeAugmentedEncoder:
-    """Train the new MLM head on masked blocks with the backbone frozen (see module docstring)."""
+    """Train the new MLM head on masked blocks with the backbone frozen (see module docstring).
+
+    Resumable like `train_ict`: `rng` (batches), `gen` (masking) and torch's dropout generator
+    are checkpointed with the encoder and the optimizer. Under torchrun the global batch is
+    drawn and masked identically on every rank; each rank trains on its slice of the rows, its
+    summed token loss divided by the global batch's masked-token count.
+    """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     encoder.to(device).train()
@@ -122,19 +156,36 @@ def warmup_mlm_head(
     encoder.bert.requires_grad_(False)  # also freezes the tied decoder weight (= word embeddings)
     head_params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(head_params, lr=lr)
+    state = TrainState({"encoder": encoder}, optimizer, None, {"batches": rng, "masking": gen})
+    start = checkpoint.restore(state) if checkpoint else 0
     tok = store.tokenizer
-    for step in trange(steps, desc="mlm head warm-up", unit="step", mininterval=2.0):
-        batch = doc_batch(store, rng.sample(range(len(store)), min(batch_size, len(store))), torch.device("cpu"))
+    batch_size = distributed.global_batch_size(batch_size, len(store))
+    loss_fn = distributed.data_parallel(lambda *batch: _masked_lm_loss(encoder, *batch), encoder)
+    log = distributed.master_only(log)
+    for step in trange(start, steps, desc="mlm head warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+        batch = doc_batch(store, rng.sample(range(len(store)), batch_size), torch.device("cpu"))
         special = (batch["input_ids"] == tok.cls_token_id) | (batch["input_ids"] == tok.sep_token_id) | (batch["attention_mask"] == 0)
         masked, labels = mask_tokens(batch["input_ids"], special, tok.mask_token_id, encoder.mlm.config.vocab_size, gen)
-        with torch.no_grad():
-            hidden = encoder.bert(input_ids=masked.to(device), attention_mask=batch["attention_mask"].to(device), token_type_ids=batch["token_type_ids"].to(device)).last_hidden_state
-        rows = labels.to(device) != -100
-        logits = encoder.mlm.cls(hidden[rows])  # [masked tokens, V]
-        loss = F.cross_entropy(logits, labels.to(device)[rows])
+        total = int((labels != -100).sum())  # masked tokens of the global batch
+        rows = distributed.shard(range(batch_size))
+        local = [t[rows[0] : rows[-1] + 1].to(device) for t in (masked, batch["attention_mask"], batch["token_type_ids"], labels)]
+        loss_sum, correct = loss_fn(*local)
+        per_token = distributed.world_size() / max(1, total)  # DDP averages over ranks: W * local sum / global count
+        loss = loss_sum * per_token
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        log({"mlm_loss": loss.item(), "mlm_accuracy": (logits.argmax(-1) == labels.to(device)[rows]).float().mean().item()}, step)
+        log(distributed.average({"mlm_loss": loss, "mlm_accuracy": correct * per_token}), step)
+        if checkpoint:
+            checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
     encoder.bert.requires_grad_(True)
     return encoder
+
+
+def _masked_lm_loss(encoder: KnowledgeAugmentedEncoder, masked: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed MLM cross-entropy and number of correct predictions over the masked tokens (frozen backbone)."""
+    with torch.no_grad():
+        hidden = encoder.bert(input_ids=masked, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    rows = labels != -100
+    logits = encoder.mlm.cls(hidden[rows])  # [masked tokens, V]
+    return F.cross_entropy(logits, labels[rows], reduction="sum"), (logits.argmax(-1) == labels[rows]).sum().float()

@@ -9,24 +9,29 @@ One step, for a batch of queries x (one sentence each, one salient span masked):
      towers (section 3.3), and score f(x, z) = Embed_input(x) . Embed_doc(z);
   5. the knowledge-augmented encoder reads `[CLS] x [SEP] body(z) [SEP]` for every z and the
      loss is the marginal log-likelihood of the masked tokens (modeling.marginal_log_likelihood).
-Every `refresh_every` steps all blocks are re-embedded with the current document embedder
-and the index is rebuilt (section 3.3; synchronous here).
+Every `refresh_every` steps a snapshot of the document embedder re-embeds all blocks into a new
+index, synchronously or in a separate process while training goes on (section 3.3, refresh.py).
+The windowed mean of the retrieval utility picks the best checkpoint (section 4.5 uses RU to
+diagnose retrieval; we keep the best as well as the last).
 """
 
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import trange
 
-from realm_core.blocks import BlockStore, embed_blocks, pad_batch, query_batch
+from realm_core import distributed
+from realm_core.blocks import BlockStore, pad_batch, query_batch
+from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup, marginal_log_likelihood, retrieval_utility
+from realm_core.refresh import Refresher, RefreshRecord, build_index
 
 
 @dataclass
@@ -127,15 +132,6 @@ def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
     return out
 
 
-@dataclass
-class RefreshLog:
-    """When each index in use was built, for staleness reporting (section 3.3)."""
-
-    built_at_step: int = 0
-    refreshes: int = 0
-    seconds: list[float] = field(default_factory=list)
-
-
 class Pretrainer:
     """One REALM pre-training step at a time, over a stale index of the blocks.
 
@@ -166,18 +162,14 @@ class Pretrainer:
         self.top_k, self.device, self.embed_batch_size, self.loss_form = top_k, device, embed_batch_size, loss_form
         self.null_block, self.exclude_source = null_block, exclude_source
         self.index: DenseIndex | None = None
-        self.refresh_log = RefreshLog()
+        self.index_snapshot_step = 0  # the step whose parameters embedded the blocks of self.index
 
-    def refresh_index(self, step: int) -> float:
-        """Re-embed every block with the current document embedder and rebuild the index."""
-        start = time.perf_counter()
-        emb = embed_blocks(self.retriever.doc, self.store, self.device, self.embed_batch_size, progress="refresh index")
-        self.index = DenseIndex(emb, np.arange(len(self.store), dtype=np.int64))
-        seconds = time.perf_counter() - start
-        self.refresh_log.built_at_step = step
-        self.refresh_log.refreshes += 1
-        self.refresh_log.seconds.append(seconds)
-        return seconds
+    def set_index(self, index: DenseIndex, snapshot_step: int) -> None:
+        self.index, self.index_snapshot_step = index, snapshot_step
+
+    def refresh_index(self, step: int) -> None:
+        """Re-embed every block with the current document embedder, here and now (tests, debugging)."""
+        self.set_index(build_index(self.retriever.doc, self.store, self.device, self.embed_batch_size), step)
 
     def candidates(self, query_emb: torch.Tensor, batch: list[MaskedQuery]) -> list[list[int | None]]:
         """[null, z_1, ..., z_{k-1}] per query (without the null block: [z_1, ..., z_k]), from the stale index."""
@@ -192,6 +184,12 @@ class Pretrainer:
                 chosen += [b for b in range(len(self.store)) if b != source and b not in chosen][: want - len(chosen)]
             out.append([None, *chosen] if self.null_block else chosen)
         return out
+
+    def shard_weight(self, local: list[MaskedQuery], batch: list[MaskedQuery]) -> float:
+        """Loss factor for this rank's slice `local` of the global `batch` under DDP (1.0 in one process):
+        per_token averages over masked tokens, whose count differs between slices; product over examples."""
+        count = (lambda qs: sum(len(q.targets) for q in qs)) if self.loss_form == "per_token" else len
+        return distributed.shard_weight(count(local), count(batch))
 
     def forward(self, batch: list[MaskedQuery]) -> dict[str, torch.Tensor]:
         store, dev = self.store, self.device
@@ -221,6 +219,53 @@ class Pretrainer:
         return out
 
 
+def refresh_metrics(record: RefreshRecord) -> dict[str, float]:
+    return {"refresh_snapshot_step": record.snapshot_step, "refresh_staleness": record.staleness, "refresh_build_seconds": record.build_seconds, "refresh_wait_seconds": record.wait_seconds}
+
+
+def refresh_summary(records: list[RefreshRecord]) -> dict[str, float]:
+    """Refreshes after the initial build, their mean staleness and the trainer's total wait for them."""
+    later = records[1:]
+    return {
+        "refreshes": float(len(later)),
+        "refresh_staleness_mean": float(np.mean([r.staleness for r in later])) if later else 0.0,
+        "refresh_wait_seconds": float(sum(r.wait_seconds for r in later)),
+        "initial_index_seconds": float(records[0].wait_seconds) if records else 0.0,
+    }
+
+
+class BestByUtility:
+    """Mean retrieval utility over consecutive windows of `window` steps; calls `on_best` on a new best.
+
+    RU = log p(y|z,x) marginal minus log p(y|null,x) (section 4.5): how much retrieval helps the
+    MLM. Measured on each batch before its update (progressive validation), so it costs nothing.
+    """
+
+    def __init__(self, window: int, on_best: Callable[[int, float], None] | None):
+        self.window, self.on_best = window, on_best
+        self.values: list[float] = []
+        self.best, self.best_step = float("-inf"), -1
+
+    def add(self, value: float, step: int) -> float | None:
+        """The window's mean when `step` closes a window, else None."""
+        self.values.append(value)
+        if len(self.values) < self.window:
+            return None
+        mean, self.values = float(np.mean(self.values)), []
+        if mean > self.best:
+            self.best, self.best_step = mean, step
+            if self.on_best is not None:
+                self.on_best(step, mean)
+        return mean
+
+    def state(self) -> dict:
+        return {"values": self.values, "best": self.best if self.best_step >= 0 else None, "best_step": self.best_step}
+
+    def load(self, state: dict) -> None:
+        self.values, self.best_step = list(state["values"]), state["best_step"]
+        self.best = float("-inf") if state["best"] is None else state["best"]
+
+
 def pretrain(
     trainer: Pretrainer,
     queries: list[MaskedQuery],
@@ -228,11 +273,28 @@ def pretrain(
     steps: int,
     batch_size: int,
     lr: float,
-    refresh_every: int,
+    refresher: Refresher,
     seed: int,
     log: StepLogger = null_logger,
+    best_window: int = 10,
+    on_best: Callable[[int, float], None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    on_index: Callable[[DenseIndex], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Train both towers and the encoder; returns summary metrics of the run."""
+    """Train both towers and the encoder; returns summary metrics of the run.
+
+    `on_index(index)` runs on rank 0 whenever a new index comes into use (e.g. the zero-shot
+    recall@5 of held-out questions, so quality can be followed refresh by refresh); the metrics
+    it returns are logged with the refresh's.
+
+    `refresher` keeps the index fresh (SyncRefresher or AsyncRefresher); `on_best(step, ru)` is
+    called whenever a window of `best_window` steps has the best mean retrieval utility so far.
+    With `checkpoint`, training resumes from its newest checkpoint. The index is then rebuilt
+    from the restored document embedder; in sync mode with `checkpoint_every` a multiple of
+    `refresh_every`, that is the index an uninterrupted run uses there, so the result is the same.
+    Under torchrun each rank trains with DDP on its slice of the same global batch and retrieves
+    from the index rank 0 built (refresh.make_refresher shares it); only rank 0 logs and saves.
+    """
     if not queries:
         raise ValueError("no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces")
     rng = random.Random(seed)
@@ -240,24 +302,53 @@ def pretrain(
     optimizer, schedule = adamw_with_warmup(params, lr, steps)
     trainer.retriever.train()
     trainer.encoder.train()
-    seconds = trainer.refresh_index(step=0)
-    log({"refresh_count": 0, "refresh_seconds": seconds}, 0)
+    best = BestByUtility(best_window, on_best if distributed.is_master() else None)
+    batch_size = distributed.global_batch_size(batch_size, len(queries))
+    log = distributed.master_only(log)
     recent_ru: list[float] = []
-    for step in trange(steps, desc="pretrain", unit="step", mininterval=2.0):
-        if refresh_every and step > 0 and step % refresh_every == 0:
-            seconds = trainer.refresh_index(step)
-            log({"refresh_count": trainer.refresh_log.refreshes - 1, "refresh_seconds": seconds}, step)
-        out = trainer.forward(rng.sample(queries, min(batch_size, len(queries))))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        row = {"loss": out["loss"].item(), "index_staleness": step - trainer.refresh_log.built_at_step}
-        row.update({k: out[k].item() for k in ("retrieval_utility", "null_prob") if k in out})
-        recent_ru += [row["retrieval_utility"]] if "retrieval_utility" in row else []
-        log(row, step)
-    summary = {"refreshes": float(trainer.refresh_log.refreshes - 1), "queries": float(len(queries))}
+    state = TrainState({"retriever": trainer.retriever, "encoder": trainer.encoder}, optimizer, schedule, {"batches": rng})
+    start = checkpoint.restore(state) if checkpoint else 0
+    try:
+        if start:
+            best.load(checkpoint.extra["best"])
+            recent_ru = list(checkpoint.extra["recent_ru"])
+
+        def use_index(index: DenseIndex, step: int) -> None:
+            trainer.set_index(index, refresher.records[-1].snapshot_step)
+            extra = on_index(index) if on_index is not None and distributed.is_master() else {}
+            log({**refresh_metrics(refresher.records[-1]), **extra}, step)
+
+        use_index(refresher.initial(trainer.retriever.doc, start, checkpoint.extra.get("refreshes") if start else None), start)
+        loss_fn = distributed.data_parallel(trainer.forward, trainer.retriever, trainer.encoder)
+        for step in trange(start, steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+            new_index = refresher.step(trainer.retriever.doc, step)
+            if new_index is not None:
+                use_index(new_index, step)
+            batch = rng.sample(queries, batch_size)
+            local = distributed.shard(batch)
+            out = loss_fn(local)
+            loss = out["loss"] * trainer.shard_weight(local, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            row = {"loss": loss, "index_staleness": step - trainer.index_snapshot_step}
+            row = distributed.average({**row, **{k: out[k] for k in ("retrieval_utility", "null_prob") if k in out}})
+            if "retrieval_utility" in row:
+                recent_ru.append(row["retrieval_utility"])
+                window_mean = best.add(row["retrieval_utility"], step)
+                if window_mean is not None:
+                    row["retrieval_utility_window"] = window_mean
+            log(row, step)
+            if checkpoint:
+                checkpoint.maybe_save(step + 1, state, final=step + 1 == steps, extra={"best": best.state(), "recent_ru": recent_ru, "refreshes": refresher.log()})
+        distributed.barrier()  # rank 0's last on_best has written its files
+    finally:
+        refresher.close()
+    summary = {**refresh_summary(refresher.records), "queries": float(len(queries))}
     if recent_ru:
         summary["retrieval_utility_last_quarter"] = float(np.mean(recent_ru[-max(1, len(recent_ru) // 4) :]))
+    if best.best_step >= 0:
+        summary.update(best_retrieval_utility=best.best, best_step=float(best.best_step))
     return summary

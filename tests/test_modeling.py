@@ -25,6 +25,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries, select_candidates
+from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
 # ------------------------------------------------------------------ marginal likelihood
@@ -154,7 +155,7 @@ def test_pretrain_refreshes_the_index_on_schedule(tiny, models):
     retriever, encoder = models
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=5, batch_size=2, lr=1e-3, refresh_every=2, seed=0, log=lambda m, s: logged.append((s, m)))
+    summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=5, batch_size=2, lr=1e-3, refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0, log=lambda m, s: logged.append((s, m)))
     assert summary["refreshes"] == 2  # at steps 2 and 4
     staleness = [m["index_staleness"] for s, m in logged if "index_staleness" in m]
     assert staleness == [0, 1, 0, 1, 0]
@@ -294,3 +295,20 @@ def test_retriever_recall_matches_the_retrieval_inside_evaluation(tiny, models):
     alone = retriever_recall(model, questions, recall_at=[1, 5])
     assert alone == {"recall@1": full["realm_recall@1"], "recall@5": full["realm_recall@5"]}
     assert alone["recall@5"] <= 100.0 * 2 / 3  # nothing holds "Leonardo"
+
+
+def test_saving_the_same_weights_twice_gives_identical_bytes(tiny, models, tmp_path):
+    """DVC keys reruns on output bytes: the tied MLM decoder once made every save differ."""
+    import hashlib
+
+    from realm_core.modeling import load_encoder, save_encoder
+
+    encoder = models[1]
+    digests = set()
+    for i in range(3):
+        save_encoder(encoder, tmp_path / f"e{i}")
+        digests.add(hashlib.sha256((tmp_path / f"e{i}" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    loaded = load_encoder(tmp_path / "e0")
+    assert loaded.mlm.cls.predictions.decoder.weight is loaded.mlm.bert.embeddings.word_embeddings.weight  # re-tied
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), loaded.state_dict().values()))
