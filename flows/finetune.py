@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.embedding import build_index
 from flows.tracking import stage_run
 from realm_core.io import atomic_dir
-from tasks.training import build_frozen_index_task, finetune_task
+from tasks.training import finetune_task
 
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow() -> dict[str, float]:
     with stage_run("finetune") as ctx, atomic_dir(ctx.paths.finetune) as out:
-        build_frozen_index_task(ctx.params, ctx.paths, out)
+        # Block embeddings are frozen in fine-tuning (ORQA): embed once, a map over corpus shards.
+        doc = ctx.paths.pretrain / "retriever" / "doc"
+        build_index(ctx.params, ctx.paths.blocks, doc, out / "index", ctx.paths.scratch("finetune") / "index-shards", {"source": "pretrain/retriever/doc"})
         ctx.set_final(finetune_task(ctx.params, ctx.paths, out, ctx.log_fn))
     return ctx.final
