@@ -6,7 +6,8 @@
 - CuratedTREC: answers are regular expressions matched at the *start* of the prediction
   (ORQA eval_utils `regex_match_score`: `re.match` with IGNORECASE | UNICODE | MULTILINE).
 - Retrieval recall@k: a retrieved block "has the answer" under DPR's token-level rule
-  (Karpukhin et al. 2020, `dpr/data/qa_validation.py` `has_answer` with `SimpleTokenizer`).
+  (Karpukhin et al. 2020, `dpr/data/qa_validation.py` `has_answer` with `SimpleTokenizer`);
+  for CuratedTREC's regex answers, DPR's regex rule (`has_answer_regex`: searched anywhere).
 - Answer spans for the reader: ORQA matches answers at the wordpiece level inside a block.
 
     >>> exact_match("The  Beatles!", ["beatles"])
@@ -123,6 +124,26 @@ def has_answer(text: str, answers: Iterable[str]) -> bool:
         if tokens and _contains(words, tokens):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_passage_regex(pattern: str) -> regex.Pattern:
+    try:
+        return regex.compile(unicodedata.normalize("NFD", pattern), flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+    except regex.error as exc:
+        raise InputError(f"invalid answer regex {pattern!r}: {exc}; CuratedTREC answers must be regular expressions") from None
+
+
+def has_answer_regex(text: str, patterns: Iterable[str]) -> bool:
+    """DPR's "regex" match type (dpr/data/qa_validation.py), used for CuratedTREC retrieval recall.
+
+    Text and pattern are NFD-normalised, and the pattern is *searched* anywhere in the passage
+    (`regex.search`, IGNORECASE | UNICODE | MULTILINE), unlike `regex_match`, which scores a
+    reader's prediction and must match at its start. An invalid pattern raises InputError
+    (DPR counts it as a miss). With no patterns the result is False.
+    """
+    text = unicodedata.normalize("NFD", text)
+    return any(_compile_passage_regex(p).search(text) is not None for p in _as_list(patterns, "patterns", allow_empty=True))
 
 
 def recall_at_k(hits: Sequence[Sequence[bool]], ks: Iterable[int]) -> dict[str, float]:

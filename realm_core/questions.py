@@ -4,18 +4,35 @@ A seeded share of the sentences holding a salient span is *removed* from the cor
 into a cloze question "sentence with one span replaced by [MASK] (title)", answer = the span,
 kept only if the answer still occurs in a remaining block. Held-out sentences never appear in any
 block, so pre-training (REALM section 3.4, salient span masking) cannot memorise them. Given
-NQ-open style files (`corpus.qa_train` / `corpus.qa_dev`) those are used instead.
+question files (`corpus.qa_train` / `corpus.qa_dev`) those are used instead.
+
+Question files in the standard open-QA formats (`read_questions` picks the reader by suffix):
+
+    .jsonl      NQ-open / DrQA / DPR JSON lines {"question": str, "answer": [str, ...]}; the answer
+                key may also be "answers" (DPR, SQuAD-derived) or "golden_answers" (FlashRAG);
+                optional "gold_passage_id" / "linked_passage_ids" and "id"
+    .tsv .csv   DPR `*.qa.csv` / anserini topics: question<TAB>["a", "b"] (a JSON or Python list)
+    .txt        DrQA datasets are JSON lines, anserini topics are TSV: sniffed from the first line
+    .json .zip  SQuAD v1.1 (realm_core.benchmarks.read_squad): its questions
+
+CuratedTREC answers are regular expressions (`regex=True`): each must compile, and scoring uses
+metrics.regex_match / metrics.has_answer_regex instead of exact match / has_answer. Every
+malformed row raises InputError naming file:line and the fix.
 """
 
 from __future__ import annotations
 
+import ast
+import csv
 import random
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from realm_core.corpus import join_pieces, resolve_input
-from realm_core.io import InputError
+from realm_core.io import InputError, decode_line, read_jsonl
 from realm_core.metrics import dpr_tokens, has_answer
 
 MASK = "[MASK]"
@@ -54,8 +71,12 @@ def _cloze_options(block: dict[str, Any], j: int, max_question_words: int) -> li
     return options
 
 
-class _AnswerIndex:
-    """Which blocks contain an answer, by DPR's token rule (metrics.has_answer), via an inverted index."""
+class AnswerIndex:
+    """Which texts contain an answer, by DPR's token rule (metrics.has_answer), via an inverted index.
+
+    A text holding an answer's token sequence holds each of its tokens, so only the texts in the
+    intersection of the answer tokens' postings need the full has_answer check.
+    """
 
     def __init__(self, texts: Sequence[str]):
         self.texts = texts
@@ -70,6 +91,16 @@ class _AnswerIndex:
             return False
         candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens))
         return any(has_answer(self.texts[i], [answer]) for i in sorted(candidates))
+
+    def containing(self, answers: Sequence[str]) -> set[int]:
+        """Indices of the texts that hold any of `answers`; equals {i : has_answer(texts[i], answers)}."""
+        found: set[int] = set()
+        for answer in answers:
+            tokens = dpr_tokens(answer)
+            if tokens:
+                candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens)) - found
+                found |= {i for i in candidates if has_answer(self.texts[i], [answer])}
+        return found
 
 
 def make_cloze_questions(
@@ -106,7 +137,7 @@ def make_cloze_questions(
         drafts.append((question, answer))
         drop.setdefault(i, set()).add(j)
     remaining = [r for i, b in enumerate(blocks) if (r := _rebuild(b, drop.get(i, set()))) is not None]
-    index = _AnswerIndex([b["text"] for b in remaining])
+    index = AnswerIndex([b["text"] for b in remaining])
     questions, seen, unanswerable = [], set(), 0
     for question, answer in drafts:
         if question in seen:
@@ -136,16 +167,142 @@ def make_cloze_questions(
 
 
 def load_qa_files(qa_train: str, qa_dev: str, root: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """NQ-open style question files given in params (validated by finetune.load_questions)."""
-    from realm_core.finetune import load_questions
-
+    """The question files given in params (any format `read_questions` reads), as NQ-open rows."""
     out = []
     for name, value in (("qa_train", qa_train), ("qa_dev", qa_dev)):
         path = resolve_input(value, root)
         if not path.is_file():
             raise InputError(f"{path}: corpus.{name} file not found; give an NQ-open style JSONL path or null")
-        questions = load_questions(path)
-        if not questions:
-            raise InputError(f'{path}:1: no questions; corpus.{name} needs lines {{"question": str, "answer": [str, ...]}}')
-        out.append([{"question": q.question, "answer": list(q.answers)} for q in questions])
+        out.append([{"question": q.question, "answer": list(q.answers)} for q in read_questions(path)])
     return out[0], out[1]
+
+
+# ============================================================================ question files
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One open-QA question with its reference answers (strings, or regexes when `regex`) and,
+    when the file gives them, the ids of its gold passages (SQuAD's paragraph, vital links)."""
+
+    question: str
+    answers: tuple[str, ...]
+    regex: bool = False
+    gold_ids: tuple[str, ...] = ()
+    id: str = ""
+
+
+ANSWER_KEYS = ("answer", "answers", "golden_answers")  # NQ-open/DrQA, DPR/SQuAD-derived, FlashRAG
+QA_FORMATS = ".jsonl (NQ-open JSON lines), .tsv/.csv (DPR question<TAB>[answers]), .txt (DrQA JSON lines or anserini TSV), .json/.zip (SQuAD v1.1)"
+
+
+def check_answers(value: Any, where: str, key: str, regex: bool) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings (each a valid regex when `regex`); `where` is file:line."""
+    if isinstance(value, str):
+        raise InputError(f"{where}: {key!r} must be a list of strings, got a single string; wrap it as [{value!r}]")
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: {key!r} must be a non-empty list of answer strings, got {value!r:.80}; give at least one answer")
+    for answer in value:
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError(f"{where}: {key!r} holds {answer!r:.80}; every answer must be a non-empty string")
+        if regex:
+            try:
+                re.compile(answer)
+            except re.error as exc:
+                raise InputError(f"{where}: answer regex {answer!r} does not compile ({exc}); CuratedTREC answers are regular expressions, escape special characters") from None
+    return tuple(value)
+
+
+def _check_question(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where}: 'question' must be a non-empty string, got {value!r:.80}")
+    return value.strip()
+
+
+def _gold_ids(row: dict[str, Any], where: str) -> tuple[str, ...]:
+    """`gold_passage_id` (one id) or `linked_passage_ids` (a list); both optional."""
+    if "gold_passage_id" in row:
+        gold = row["gold_passage_id"]
+        if not isinstance(gold, (str, int)) or isinstance(gold, bool) or not str(gold).strip():
+            raise InputError(f"{where}: 'gold_passage_id' must be a passage id (string or integer), got {gold!r:.80}")
+        return (str(gold),)
+    linked = row.get("linked_passage_ids", [])
+    if not isinstance(linked, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in linked):
+        raise InputError(f"{where}: 'linked_passage_ids' must be a list of passage ids, got {linked!r:.80}")
+    return tuple(str(x) for x in linked)
+
+
+def read_qa_jsonl(path: str | Path, *, regex: bool = False) -> list[QAExample]:
+    """NQ-open / DrQA / DPR JSON lines: {"question": str, "answer": [str, ...]} (see module docstring)."""
+    path = Path(path)
+    out = []
+    for lineno, row in read_jsonl(path):  # InputError on missing file, bad UTF-8 or JSON, naming file:line
+        where = f"{path}:{lineno}"
+        question = _check_question(row.get("question"), where)
+        keys = [k for k in ANSWER_KEYS if k in row]
+        if len(keys) != 1:
+            found = f"found {keys}" if keys else "found none"
+            raise InputError(f'{where}: expected exactly one answer key of {list(ANSWER_KEYS)} ({found}); write lines {{"question": str, "answer": [str, ...]}}')
+        qid = row.get("id", "")
+        out.append(QAExample(question, check_answers(row[keys[0]], where, keys[0], regex), regex, _gold_ids(row, where), str(qid)))
+    if not out:
+        raise InputError(f'{path}:1: no questions (empty file); expected lines {{"question": str, "answer": [str, ...]}}')
+    return out
+
+
+def read_qa_tsv(path: str | Path, *, regex: bool = False) -> list[QAExample]:
+    """DPR `*.qa.csv` / anserini topics: question<TAB>answers, answers a JSON or Python list literal.
+
+    Parsed with csv (tab-delimited, DPR quotes some fields) and `ast.literal_eval` (literals only,
+    never code); a header row `question<TAB>answers` is skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    out: list[QAExample] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, lineno).rstrip("\r\n")
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            cols = next(csv.reader([line], delimiter="\t"))
+            if not out and [c.strip().lower() for c in cols] in (["question", "answers"], ["question", "answer"]):
+                continue
+            if len(cols) != 2:
+                hint = "no tab found" if len(cols) == 1 else "a tab inside the question? replace it by a space or quote the field"
+                raise InputError(f"{where}: expected 2 tab-separated columns question<TAB>[answers], found {len(cols)} ({hint})")
+            try:
+                answers = ast.literal_eval(cols[1].strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise InputError(f"{where}: answers column {cols[1]!r:.80} is not a list literal; write it as [\"a\", \"b\"] or ['a', 'b']") from None
+            out.append(QAExample(_check_question(cols[0], where), check_answers(answers, where, "answers", regex), regex))
+    if not out:
+        raise InputError(f"{path}:1: no questions (empty file or header only); expected rows question<TAB>[answers]")
+    return out
+
+
+def _looks_like_json_lines(path: Path) -> bool:
+    """DrQA's .txt files are JSON lines, anserini's topic .txt files are TSV: look at the first line."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                return raw.lstrip().startswith(b"{")
+    return True
+
+
+def read_questions(path: str | Path, *, regex: bool = False) -> list[QAExample]:
+    """Read a question file in any of the standard open-QA formats, by suffix (module docstring)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    if suffix == ".jsonl" or (suffix == ".txt" and _looks_like_json_lines(path)):
+        return read_qa_jsonl(path, regex=regex)
+    if suffix in (".tsv", ".csv", ".txt"):
+        return read_qa_tsv(path, regex=regex)
+    if suffix in (".json", ".zip"):
+        from realm_core.benchmarks import read_squad  # SQuAD is a corpus and a question set
+
+        return read_squad(path)[1]
+    raise InputError(f"{path}: unknown question file type {suffix!r}; accepted: {QA_FORMATS}")

@@ -6,7 +6,7 @@ import pytest
 
 from realm_core.bm25 import bm25_retrieve
 from realm_core.io import InputError
-from realm_core.metrics import answer_spans, dpr_tokens, exact_match, has_answer, normalize_answer, recall_at_k, regex_match
+from realm_core.metrics import answer_spans, dpr_tokens, exact_match, has_answer, has_answer_regex, normalize_answer, recall_at_k, regex_match
 
 # ----------------------------------------------------------------------------- normalize / EM
 
@@ -58,6 +58,15 @@ def test_regex_match_at_start_only_and_case_insensitive() -> None:
     assert regex_match("Beatles", ["stones", "rolling"]) == 0.0
 
 
+def test_regex_match_scores_the_raw_prediction_as_orqa() -> None:
+    # ORQA eval_utils.regex_match_score: no answer normalisation before re.match.
+    assert regex_match("the Beatles", ["beatles"]) == 0.0
+    assert regex_match("THE BEATLES", ["the beatles$"]) == 1.0
+    assert regex_match("1991 war", [r"\b1991\b"]) == 1.0
+    assert regex_match("Dec. 25", [r"Dec.*\b2[45]\b"]) == 1.0  # a CuratedTREC test pattern
+    assert regex_match("December 26", [r"Dec.*\b2[45]\b"]) == 0.0
+
+
 def test_regex_match_invalid_pattern_names_it() -> None:
     with pytest.raises(InputError, match=r"\(unclosed"):
         regex_match("anything", ["ok", "(unclosed"])
@@ -92,6 +101,29 @@ def test_dpr_tokens() -> None:
 )
 def test_has_answer(text: str, answers: list[str], expected: bool) -> None:
     assert has_answer(text, answers) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "patterns", "expected"),
+    [
+        ("The Soviet Union had 15 republics.", [r"\b15\b|fifteen"], True),  # searched anywhere, not only at the start
+        ("It had 150 members.", [r"\b15\b"], False),
+        ("christmas is on DECEMBER 25.", [r"Dec.*\b2[45]\b"], True),  # case-insensitive
+        ("Café society", ["cafe\u0301"], True),  # NFD on text and pattern, as DPR
+        ("Cafe\u0301 society", ["Café"], True),
+        ("line one\nAnswer: Iraq", ["^answer"], True),  # MULTILINE: ^ at every line
+        ("Iraq", [], False),
+    ],
+)
+def test_has_answer_regex_is_dprs_regex_rule(text: str, patterns: list[str], expected: bool) -> None:
+    assert has_answer_regex(text, patterns) is expected
+
+
+def test_has_answer_regex_rejects_invalid_and_bare_patterns() -> None:
+    with pytest.raises(InputError, match=r"Sievert"):
+        has_answer_regex("x", ["Sievert \\(Sv\\)\\"])
+    with pytest.raises(TypeError, match="single str"):
+        has_answer_regex("x", "Iraq")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- recall@k

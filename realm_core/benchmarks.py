@@ -1,0 +1,217 @@
+"""Open-QA benchmarks over real public data: SQuAD v1.1, Pyserini corpora, and the two benchmarks
+of `bench/quality.py` (each passage is one retrieval unit; relevance by gold id or by answer).
+
+    SQuAD-open    the 2,067 SQuAD v1.1 dev paragraphs as the corpus, its 10,570 questions
+                  (Chen et al. 2017's setting, as ORQA Table 4 over the dev paragraphs only);
+                  the gold passage of a question is the paragraph it was written on.
+    vital-linked  questions of NQ-open dev, WebQuestions test, CuratedTREC test and SQuAD dev
+                  linked to a vital-article passage that holds their answer, over a corpus of
+                  the linked passages plus a seeded random sample of other vital passages.
+
+Relevance is measured two ways, both as recall@k (metrics.recall_at_k):
+- "gold": a retrieved passage is one of the question's gold / linked passages;
+- "answer": a retrieved passage contains an answer by DPR's token rule (metrics.has_answer), or
+  for CuratedTREC's regex answers by DPR's regex rule (metrics.has_answer_regex), over the
+  passage text without its title, as DPR's validation does.
+
+Inputs follow the shared data's formats (../shared/data/SOURCES.md); every malformed input
+raises InputError naming the file (and line, or JSON path) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from realm_core.corpus import Passage, read_jsonl_corpus
+from realm_core.io import InputError, read_jsonl
+from realm_core.metrics import has_answer_regex
+from realm_core.questions import AnswerIndex, QAExample, check_answers, read_questions
+
+# ../shared/data layout (SOURCES.md): file -> (dataset tag, answers are regexes)
+SQUAD_ZIP = "squad_open/dev-v1.1.json.zip"
+VITAL_PASSAGES = "wiki_vital_summaries/vital_passages.jsonl"
+VITAL_LINKED = {
+    "nq": ("wiki_vital_summaries/linked_qa/vital_linked_nq_open_dev.jsonl", False),
+    "wq": ("wiki_vital_summaries/linked_qa/vital_linked_wq_test.jsonl", False),
+    "trec": ("wiki_vital_summaries/linked_qa/vital_linked_trec_test.jsonl", True),
+    "squad": ("wiki_vital_summaries/linked_qa/vital_linked_squad_dev.jsonl", False),
+}
+
+
+@dataclass
+class Benchmark:
+    """A corpus of passages (each one retrieval unit) and questions; `sources[i]` tags question i."""
+
+    name: str
+    passages: list[Passage]
+    questions: list[QAExample]
+    sources: list[str]
+
+
+# ============================================================================ readers
+
+
+def _squad_json(path: Path) -> Any:
+    """The parsed JSON of a SQuAD file, or of the single .json inside a .zip (the original release)."""
+    try:
+        if path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith(".json")]
+                if len(names) != 1:
+                    raise InputError(f"{path}: expected exactly one .json file inside the zip, found {names}")
+                raw = zf.read(names[0])
+        else:
+            raw = path.read_bytes()
+        return json.loads(raw.decode("utf-8"))
+    except zipfile.BadZipFile:
+        raise InputError(f"{path}: not a valid zip file; re-download the SQuAD release") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _expect(value: Any, kind: type, where: str, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        raise InputError(f"{where}: expected {what}, got {value!r:.80}; the file must follow the SQuAD v1.1 schema")
+    return value
+
+
+def read_squad(path: str | Path, id_prefix: str = "squad-dev") -> tuple[list[Passage], list[QAExample]]:
+    """SQuAD v1.1 JSON (or its zip): paragraphs as passages, questions as QA with their paragraph as gold.
+
+    Passage ids are `{id_prefix}-{article:02d}-{paragraph:03d}`, titles have "_" replaced by
+    spaces (the ids and titles of ../shared/data/squad_open/squad_dev_paragraphs.jsonl). Each
+    question's answers are its annotators' answer texts (duplicates kept, as the dev file has them).
+    Errors name the file and the JSON path of the bad item (data[a].paragraphs[p].qas[q]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    doc = _squad_json(path)
+    articles = _expect(doc.get("data") if isinstance(doc, dict) else None, list, f"{path}", 'a top-level {"data": [...]} list')
+    passages: list[Passage] = []
+    questions: list[QAExample] = []
+    for a, article in enumerate(articles):
+        where = f"{path}: data[{a}]"
+        _expect(article, dict, where, "an article object")
+        title = _expect(article.get("title"), str, f"{where}.title", "a title string").replace("_", " ").strip()
+        for p, paragraph in enumerate(_expect(article.get("paragraphs"), list, f"{where}.paragraphs", "a list of paragraphs")):
+            pw = f"{where}.paragraphs[{p}]"
+            _expect(paragraph, dict, pw, "a paragraph object")
+            pid = f"{id_prefix}-{a:02d}-{p:03d}"
+            passages.append(Passage(pid, title, _expect(paragraph.get("context"), str, f"{pw}.context", "a non-empty context string")))
+            for q, qa in enumerate(_expect(paragraph.get("qas"), list, f"{pw}.qas", "a list of questions")):
+                qw = f"{pw}.qas[{q}]"
+                _expect(qa, dict, qw, "a question object")
+                question = _expect(qa.get("question"), str, f"{qw}.question", "a non-empty question string").strip()
+                raw = _expect(qa.get("answers"), list, f"{qw}.answers", "a list of answers (SQuAD 2.0 unanswerable questions are not supported)")
+                texts = [ans.get("text") if isinstance(ans, dict) else ans for ans in raw]
+                answers = check_answers(texts, qw, "answers[].text", regex=False)
+                questions.append(QAExample(question, answers, False, (pid,), str(qa.get("id", ""))))
+    if not passages:
+        raise InputError(f"{path}: no paragraphs; expected SQuAD v1.1 JSON with data[].paragraphs[]")
+    return passages, questions
+
+
+def read_pyserini_corpus(path: str | Path) -> list[Passage]:
+    """Pyserini JsonCollection lines {"id", "contents"}, contents = 'Title\\ntext' with the title
+    sometimes in double quotes (DPR passages as FlashRAG ships them; FlashRAG splits the same way).
+    A contents without a line break gets an empty title."""
+    path = Path(path)
+    passages: list[Passage] = []
+    seen: dict[str, int] = {}
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        pid, contents = row.get("id"), row.get("contents")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
+            raise InputError(f'{where}: missing or bad "id" ({pid!r:.40}); every line must be {{"id": str, "contents": str}}')
+        if not isinstance(contents, str) or not contents.strip():
+            raise InputError(f'{where}: "contents" must be a non-empty string; every line must be {{"id": str, "contents": str}}')
+        if str(pid) in seen:
+            raise InputError(f"{where}: duplicate passage id {str(pid)!r} (first seen on line {seen[str(pid)]}); ids must be unique")
+        seen[str(pid)] = lineno
+        first, newline, rest = contents.partition("\n")
+        title, text = (first.strip().strip('"'), rest) if newline and rest.strip() else ("", contents)
+        passages.append(Passage(str(pid), title.strip(), text.strip()))
+    if not passages:
+        raise InputError(f'{path}:1: no passages (empty file); expected lines {{"id": str, "contents": str}}')
+    return passages
+
+
+# ============================================================================ benchmarks
+
+
+def with_distractors(passages: Sequence[Passage], keep: set[str], total: int, seed: int) -> list[Passage]:
+    """Every passage whose id is in `keep`, plus a seeded random sample of the others up to `total`
+    (more if `keep` alone is larger), in corpus order."""
+    unknown = keep - {p.id for p in passages}
+    if unknown:
+        raise InputError(f"gold passage ids not in the corpus: {sorted(unknown)[:5]}; the question and passage files do not belong together")
+    others = [i for i, p in enumerate(passages) if p.id not in keep]
+    picked = set(random.Random(seed).sample(others, max(0, min(len(others), total - len(keep)))))
+    return [p for i, p in enumerate(passages) if p.id in keep or i in picked]
+
+
+def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0) -> Benchmark:
+    """SQuAD-open from the original SQuAD v1.1 dev release; optionally a seeded subset of the
+    questions over their gold paragraphs plus random others up to `max_passages` (quick runs)."""
+    passages, questions = read_squad(Path(data_dir) / SQUAD_ZIP)
+    if max_questions is not None and max_questions < len(questions):
+        questions = random.Random(seed).sample(questions, max_questions)
+    if max_passages is not None:
+        passages = with_distractors(passages, {g for q in questions for g in q.gold_ids}, max_passages, seed)
+    return Benchmark("squad_open", passages, questions, ["squad"] * len(questions))
+
+
+def vital_linked(data_dir: Path, total_passages: int = 2000, seed: int = 0, max_questions: int | None = None) -> Benchmark:
+    """The vital-linked questions (NQ, WQ, CuratedTREC as regexes, SQuAD) over their linked
+    passages plus a seeded random sample of other vital passages, `total_passages` in all."""
+    data_dir = Path(data_dir)
+    questions: list[QAExample] = []
+    sources: list[str] = []
+    for tag, (name, regex) in VITAL_LINKED.items():
+        loaded = read_questions(data_dir / name, regex=regex)
+        questions += loaded
+        sources += [tag] * len(loaded)
+    if max_questions is not None and max_questions < len(questions):
+        keep = sorted(random.Random(seed).sample(range(len(questions)), max_questions))
+        questions, sources = [questions[i] for i in keep], [sources[i] for i in keep]
+    for q, tag in zip(questions, sources):
+        if not q.gold_ids:
+            raise InputError(f"{data_dir / VITAL_LINKED[tag][0]}: question {q.question!r} has no linked_passage_ids; every linked question needs them")
+    corpus = read_jsonl_corpus(data_dir / VITAL_PASSAGES)
+    passages = with_distractors(corpus, {g for q in questions for g in q.gold_ids}, total_passages, seed)
+    return Benchmark("vital_linked", passages, questions, sources)
+
+
+# ============================================================================ relevance
+
+
+def gold_sets(bench: Benchmark) -> list[set[int]]:
+    """Per question, the positions (in bench.passages) of its gold passages."""
+    position = {p.id: i for i, p in enumerate(bench.passages)}
+    return [{position[g] for g in q.gold_ids if g in position} for q in bench.questions]
+
+
+def answer_sets(bench: Benchmark) -> list[set[int]]:
+    """Per question, the positions of the passages whose text holds an answer (module docstring)."""
+    texts = [p.text for p in bench.passages]
+    index = AnswerIndex(texts)
+    return [
+        {i for i, t in enumerate(texts) if has_answer_regex(t, q.answers)} if q.regex else index.containing(q.answers)
+        for q in bench.questions
+    ]
+
+
+def hit_table(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]]) -> list[list[bool]]:
+    """hits[q][r] = the rank-r passage retrieved for question q is relevant (for metrics.recall_at_k)."""
+    if len(rankings) != len(relevant):
+        raise ValueError(f"{len(rankings)} rankings for {len(relevant)} questions")
+    return [[z in rel for z in ranking] for ranking, rel in zip(rankings, relevant)]

@@ -1,0 +1,148 @@
+"""bench/quality.py on tiny data: its pure functions by hand, and one whole run with tiny random
+models standing in for every checkpoint (seconds, no real data)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.quality import (
+    Models,
+    Settings,
+    answer_score,
+    closed_book_predictions,
+    dense_rankings,
+    random_init_retriever,
+    recall_summary,
+    run,
+)
+from bench.quality_report import markdown_report, plot_recall_curves
+from realm_core.benchmarks import Benchmark
+from realm_core.config import Params
+from realm_core.corpus import Passage
+from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, SpanReader, load_bert, load_tokenizer, save_encoder, save_reader, save_retriever
+from realm_core.questions import QAExample
+from tests.tiny import SENTENCES, make_tiny_bert, write_blocks
+
+
+def test_recall_summary_by_hand() -> None:
+    rankings = [[0, 1, 2], [2, 1, 0], [1, 2, 0]]
+    relevant = {"gold": [{1}, {0}, {1}], "answer": [{0, 1}, set(), {0}]}
+    out = recall_summary(rankings, relevant, ["a", "a", "b"], depth=3)
+    assert out["gold"] == {"recall@1": pytest.approx(100 / 3), "recall@5": 100.0, "recall@20": 100.0}
+    assert out["curve"]["gold"] == [pytest.approx(33.333), pytest.approx(66.667), 100.0]
+    assert out["curve"]["answer"] == [pytest.approx(33.333), pytest.approx(33.333), pytest.approx(66.667)]
+    assert out["by_source"] == {"a": {"gold_recall@5": 100.0, "answer_recall@5": 50.0}, "b": {"gold_recall@5": 100.0, "answer_recall@5": 100.0}}
+
+
+def test_dense_rankings_are_exact_inner_product_order() -> None:
+    docs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]).numpy()
+    assert dense_rankings(docs, torch.tensor([[1.0, 0.1], [0.0, 2.0]]).numpy(), depth=5) == [[0, 2, 1], [1, 2, 0]]
+
+
+def test_answer_score_em_or_regex_at_start() -> None:
+    assert answer_score("the Beatles", QAExample("q", ("Beatles",))) == 1.0
+    assert answer_score("The Beatles", QAExample("q", ("beatles",), regex=True)) == 0.0  # regex at the start of the prediction
+    assert answer_score("Dec. 25", QAExample("q", (r"Dec.*\b2[45]\b",), regex=True)) == 1.0
+
+
+def test_random_init_retriever_is_reinitialised_and_seeded(tiny_models) -> None:
+    bert_dir = tiny_models.backbone
+    a = random_init_retriever(bert_dir, None, 16, "mean", seed=3)
+    b = random_init_retriever(bert_dir, None, 16, "mean", seed=3)
+    pretrained = load_bert(bert_dir).embeddings.word_embeddings.weight
+    assert torch.equal(a.query.bert.embeddings.word_embeddings.weight, b.query.bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(a.query.bert.embeddings.word_embeddings.weight, pretrained)
+    assert torch.equal(a.query.bert.encoder.layer[0].attention.self.query.weight, a.doc.bert.encoder.layer[0].attention.self.query.weight)
+    assert a.query.bert.config.num_hidden_layers == load_bert(bert_dir).config.num_hidden_layers
+
+
+def test_closed_book_fills_words_not_special_tokens(tiny_models) -> None:
+    tokenizer = load_tokenizer(tiny_models.backbone)
+    torch.manual_seed(0)
+    encoder = KnowledgeAugmentedEncoder.from_backbone(tiny_models.backbone, None)
+    out = closed_book_predictions(encoder, tokenizer, [QAExample("who wrote hamlet?", ("Shakespeare",)), QAExample("x " * 80, ("y",))], max_query_tokens=16)
+    assert len(out) == 2
+    for text in out:
+        assert text and not any(t in text for t in ("[MASK]", "[CLS]", "[SEP]", "[PAD]")) and not text.startswith("##")
+        assert 1 <= len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 3
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> Models:
+    """Every checkpoint the bench loads, as tiny random models in the layout the pipeline writes."""
+    root = tmp_path_factory.mktemp("bench")
+    bert = make_tiny_bert(root / "bert")
+    torch.manual_seed(0)
+    save_retriever(Retriever.from_backbone(bert, None, 16, "mean"), root / "ict" / "retriever")
+    save_retriever(Retriever.from_backbone(bert, None, 16, "mean"), root / "pretrain" / "retriever")
+    save_encoder(KnowledgeAugmentedEncoder.from_backbone(bert, None), root / "pretrain" / "encoder")
+    finetuned = Retriever.from_backbone(bert, None, 16, "mean")
+    save_retriever(finetuned, root / "tmp")
+    (root / "finetune").mkdir()
+    (root / "tmp" / "query").rename(root / "finetune" / "query")
+    save_reader(SpanReader(load_bert(bert, pooler=False), hidden=8), root / "finetune" / "reader")
+    return Models(bert, bert, None, root / "ict" / "retriever", root / "pretrain", root / "finetune", write_blocks(root / "blocks.jsonl"))
+
+
+def _tiny_benchmarks() -> list[Benchmark]:
+    passages = [Passage(title, title, " ".join(sentences)) for title, sentences in SENTENCES]
+    questions = [
+        QAExample("What is the capital of France?", ("Paris",), gold_ids=("Paris",)),
+        QAExample("When did the Berlin Wall fall?", ("1989",), gold_ids=("Berlin",)),
+        QAExample("Who taught in Athens?", (r"Socrat(es)?",), regex=True, gold_ids=("Athens",)),
+    ]
+    return [Benchmark("tiny", passages, questions, ["nq", "nq", "trec"]), Benchmark("tiny2", passages[:6], questions[:2], ["squad", "squad"])]
+
+
+def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
+    params = Params()
+    params.ict.batch_size = 4
+    results = run(_tiny_benchmarks(), tiny_models, params, Settings(depth=4, reader_questions=2, reinit_ict_steps=1, batch_size=8))
+    expected = {"bm25", "minilm", "untrained", "random_init", "random_init_ict", "ict", "realm_pretrained", "realm_finetuned"}
+    assert set(results["retrievers"]) == expected
+    assert set(results["readers"]) == {"closed_book", "realm_finetuned"}
+    for entry in results["retrievers"].values():
+        for bench in ("tiny", "tiny2"):
+            for rule in ("gold", "answer"):
+                curve = entry[bench]["curve"][rule]
+                assert len(curve) == 4 and curve == sorted(curve) and 0 <= curve[0] and curve[-1] <= 100
+    # BM25 finds each question's own city first: "France", "Berlin Wall", "Athens" occur in one block each.
+    assert results["retrievers"]["bm25"]["tiny"]["gold"]["recall@1"] == 100.0
+    assert results["benchmarks"]["tiny"]["questions_with_an_answer_passage"] == 3
+    assert results["readers"]["realm_finetuned"]["tiny"]["questions"] == 2
+    assert all(0.0 <= r[b]["em"] <= 100.0 for r in results["readers"].values() for b in ("tiny", "tiny2"))
+    results["config"] = {"quick": True, "reader_questions": 2, "passage_tokens": 256, "threads": 1}
+    report = markdown_report(results)
+    assert all(f"| {name} |" in report for name in expected | {"closed_book"})
+    assert "tiny by source" in report and "tiny2 by source" not in report  # per-source table only with several sources
+    png = plot_recall_curves(results, tmp_path / "curve.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    _check_mlflow_run(results, png, tmp_path)
+
+
+def _check_mlflow_run(results: dict, png, tmp_path) -> None:
+    """The run lands in the "realm-bench" experiment with metrics, the recall curve by step and the plot."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from bench.quality import log_to_mlflow
+
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    try:
+        run_id = log_to_mlflow(results, [png], quick=True, root=tmp_path)
+        client = MlflowClient()
+        run = client.get_run(run_id)
+        assert client.get_experiment(run.info.experiment_id).name == "realm-bench"
+        assert run.data.metrics["tiny.bm25.gold_recall_at_1"] == 100.0
+        curve = client.get_metric_history(run_id, "tiny.bm25.gold_recall_curve")
+        assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [1, 2, 3, 4]
+        assert [a.path for a in client.list_artifacts(run_id)] == ["curve.png"]
+        assert (tmp_path / "mlartifacts").is_dir()
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
