@@ -1,0 +1,145 @@
+"""Answer one question with the fine-tuned model, and show the evidence it read.
+
+    realm ask "who wrote the nutcracker ballet?"          (flows/cli.py)
+    POST /ask {"question": "...", "top_k": 5}             (flows/api.py, `realm serve-api`)
+
+REALM's claim to interpretability (Guu et al. 2020, section 1 and 4.5) is that the answer comes
+with the blocks z the retriever chose and their scores f(x, z) = Embed_input(x) . Embed_doc(z):
+`answer_question` returns the reader's best span (OpenQA.predict: reader score + retriever score,
+ORQA) together with the top retrieved blocks, their titles, f(x, z) and p(z|x), the softmax of
+f(x, z) over the blocks listed.
+
+`load_finetuned` loads what the finetune stage wrote (data/finetune: query embedder, reader,
+frozen index) over the corpus stage's blocks, checking that the index and the blocks agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from realm_core.blocks import BlockStore
+from realm_core.config import IndexParams, Params, load_params
+from realm_core.finetune import OpenQA
+from realm_core.index import DenseIndex
+from realm_core.io import InputError
+from realm_core.modeling import Embedder, SpanReader, backbone_dir, load_embedder, load_reader, load_tokenizer, resolve_device
+from realm_core.paths import Paths
+
+MAKE_IT = "run `realm run` to create it (the pipeline's corpus and finetune stages write data/)"
+
+
+@dataclass
+class Evidence:
+    """One retrieved block: its rank, id, title, text and retrieval scores."""
+
+    rank: int
+    block_id: int
+    title: str
+    text: str
+    score: float  # f(x, z), the retriever's inner product
+    probability: float  # p(z|x): softmax of f(x, z) over the blocks listed
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    score: float  # best span score: reader span logit + f(x, z) of its block (ORQA)
+    block_id: int  # the block the answer span comes from
+    block_title: str
+    evidence: list[Evidence] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The JSON object of `realm ask --json` and of POST /ask."""
+        return asdict(self)
+
+
+def _softmax(scores: list[float]) -> list[float]:
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def answer_question(model: OpenQA, question: str, top_k: int = 5, reader_top_k: int = 4) -> Answer:
+    """The reader's best span over the top `reader_top_k` blocks, and the top `top_k` blocks as evidence.
+
+    `reader_top_k` defaults to what the evaluate stage reads (params evaluate.top_k), so `realm
+    ask` answers as evaluation scored it; `top_k` only sets how many blocks are listed.
+    """
+    if not question.strip():
+        raise InputError("the question is empty; ask a question, e.g. realm ask \"who wrote hamlet?\"")
+    if top_k < 1 or reader_top_k < 1:
+        raise InputError(f"top_k and reader_top_k must be >= 1, got {top_k} and {reader_top_k}")
+    (pred,) = model.predict([question], reader_top_k=reader_top_k, retrieve_k=top_k)
+    ids, scores = pred["retrieved"][:top_k], pred["retrieval_scores"][:top_k]
+    blocks = model.store.blocks
+    evidence = [
+        Evidence(rank=r + 1, block_id=int(z), title=blocks[z].title, text=blocks[z].text, score=float(s), probability=p)
+        for r, (z, s, p) in enumerate(zip(ids, scores, _softmax(scores)))
+    ]
+    block = int(pred["block"])
+    return Answer(question, pred["answer"], float(pred["score"]), block, blocks[block].title, evidence)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_index(directory: Path, n_blocks: int, blocks_file: Path, spec: IndexParams | None = None) -> DenseIndex:
+    """The frozen block index (params.yaml `index` as `spec`); unreadable, inconsistent, built with
+    other index params or over other blocks -> InputError naming it and the command that rebuilds it."""
+    try:
+        index = DenseIndex.load(directory, spec)
+    except InputError:
+        raise
+    except ValueError as exc:  # DenseIndex.load names the directory and what disagrees
+        raise InputError(f"{exc} (`dvc repro -f finetune` rebuilds it)") from None
+    if len(index) != n_blocks or int(index.ids.min()) < 0 or int(index.ids.max()) >= n_blocks:
+        raise InputError(
+            f"{directory}: the index holds {len(index)} vectors (ids {int(index.ids.min())}..{int(index.ids.max())}) "
+            f"but {blocks_file} has {n_blocks} blocks: it was built over another corpus; rebuild it (`dvc repro -f finetune`)"
+        )
+    return index
+
+
+def load_open_qa(params: Params, paths: Paths, query: Embedder, reader: SpanReader, index_dir: Path) -> OpenQA:
+    """OpenQA over the corpus stage's blocks and the frozen index in `index_dir` (finetune, evaluate, ask)."""
+    tokenizer = load_tokenizer(backbone_dir(params.model.backbone))
+    store = BlockStore.load(paths.blocks, tokenizer, params.corpus.max_block_tokens)
+    return OpenQA(
+        query,
+        reader,
+        store,
+        load_index(index_dir, len(store), paths.blocks, params.index),
+        device=resolve_device(params.device),
+        max_query_tokens=params.model.max_query_tokens,
+        max_span=params.finetune.max_span_tokens,
+    )
+
+
+def load_finetuned(params: Params, paths: Paths) -> OpenQA:
+    """The latest fine-tuned model (data/finetune) over the corpus blocks (data/corpus/blocks.jsonl)."""
+    if not paths.finetune.is_dir():
+        raise InputError(f"{paths.finetune}: no such directory: there is no fine-tuned model yet; {MAKE_IT}")
+    for needed in (paths.finetune / "query", paths.finetune / "reader", paths.finetune / "index", paths.blocks):
+        if not needed.exists():
+            raise InputError(f"{needed}: not found; {MAKE_IT}")
+    return load_open_qa(params, paths, load_embedder(paths.finetune / "query"), load_reader(paths.finetune / "reader"), paths.finetune / "index")
+
+
+class Answerer:
+    """A loaded fine-tuned model and the reader depth of evaluation: what `realm ask` and the API hold."""
+
+    def __init__(self, model: OpenQA, reader_top_k: int):
+        self.model, self.reader_top_k = model, reader_top_k
+
+    @classmethod
+    def from_project(cls, root: Path) -> "Answerer":
+        """Load root/params.yaml, then the latest fine-tuned model and index under root/data."""
+        params = load_params(Path(root) / "params.yaml")
+        return cls(load_finetuned(params, Paths(Path(root))), params.evaluate.top_k)
+
+    def __call__(self, question: str, top_k: int = 5) -> Answer:
+        return answer_question(self.model, question, top_k, self.reader_top_k)

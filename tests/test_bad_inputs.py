@@ -1,0 +1,280 @@
+"""The bad-input table (issue #6, part 3): each row is one malformed input that must give ONE
+clear error (InputError or ParamsError, no chained traceback) naming the file, the line where
+there is one, and the fix.
+
+Rows already tested elsewhere are not repeated here: corpus TSV/JSONL readers (empty file,
+wrong delimiter, missing column, invalid UTF-8, duplicate ids, empty text) in test_corpus.py,
+a question with no answers in test_corpus.py, an invalid CuratedTREC regex in test_metrics.py,
+unknown and wrongly typed params in test_orchestration.py, inconsistent index files in
+test_index.py. This file covers the rest, at the level a user meets them (`realm ask`'s loader,
+the stages' loaders), over a copy of the tiny fine-tuned project of tests/tiny_qa.py.
+
+Print the table "input -> error message":  python -m tests.test_bad_inputs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realm_core.answer import Answerer
+from realm_core.config import ParamsError, load_params
+from realm_core.finetune import load_questions
+from realm_core.index import DenseIndex
+from realm_core.io import InputError
+from realm_core.modeling import load_bert
+from realm_core.questions import load_qa_files
+from tests.tiny_qa import make_finetuned_project
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_QA = '{"question": "Who taught in Athens?", "answer": ["Socrates"]}\n'
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One malformed input: `make(project)` breaks a fresh copy of the tiny project and returns
+    the call that must fail and the file its message must name; `line` and `fix` words too."""
+
+    input: str
+    make: Callable[[Path], tuple[Callable[[], object], Path]]
+    line: int | None
+    fix: str
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def _ask(project: Path) -> Callable[[], object]:
+    return lambda: Answerer.from_project(project)
+
+
+def _set_param(project: Path, section: str, key: str, value: object) -> None:
+    params = load_params(project / "params.yaml").model_dump()
+    params[section][key] = value
+    (project / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+
+
+# ----------------------------------------------------------------------------- the rows
+
+
+def qa_empty(p: Path):
+    bad = _write(p / "qa_train.jsonl", "")
+    return lambda: load_qa_files(str(bad), str(_write(p / "qa_dev.jsonl", GOOD_QA))), bad
+
+
+def qa_bad_utf8(p: Path):
+    bad = _write(p / "qa.jsonl", GOOD_QA.encode() + b'{"question": "Caf\xe9?", "answer": ["x"]}\n')
+    return lambda: load_questions(bad), bad
+
+
+def qa_no_question(p: Path):
+    bad = _write(p / "qa.jsonl", GOOD_QA + '{"answer": ["Paris"]}\n')
+    return lambda: load_questions(bad), bad
+
+
+def qa_empty_answer_string(p: Path):
+    bad = _write(p / "qa.jsonl", GOOD_QA + GOOD_QA + '{"question": "Capital of Italy?", "answer": ["  "]}\n')
+    return lambda: load_questions(bad), bad
+
+
+def params_not_yaml(p: Path):
+    bad = _write(p / "params.yaml", "seed: 1\nfinetune:\n  steps: 3\n lr: 0.1\n")
+    return lambda: load_params(bad), bad
+
+
+def params_section_not_mapping(p: Path):
+    bad = _write(p / "params.yaml", "seed: 1\n\nfinetune: 3\n")
+    return lambda: load_params(bad), bad
+
+
+def backbone_missing(p: Path):
+    _set_param(p, "model", "backbone", str(p / "no-such-bert"))
+    return _ask(p), p / "no-such-bert"
+
+
+def backbone_without_vocab(p: Path):
+    for name in ("vocab.txt", "tokenizer.json"):
+        (p / "tinybert" / name).unlink()
+    return _ask(p), p / "tinybert"
+
+
+def backbone_pickle_only(p: Path):
+    (p / "tinybert" / "model.safetensors").unlink()
+    _write(p / "tinybert" / "pytorch_model.bin", b"\x80\x04not loaded")  # never unpickled
+    return lambda: load_bert(p / "tinybert"), p / "tinybert"
+
+
+def backbone_corrupt_safetensors(p: Path):
+    weights = p / "tinybert" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return lambda: load_bert(p / "tinybert"), p / "tinybert"
+
+
+def finetune_dir_missing_query(p: Path):
+    shutil.rmtree(p / "data" / "finetune" / "query")
+    return _ask(p), p / "data" / "finetune" / "query"
+
+
+def reader_truncated_safetensors(p: Path):
+    weights = p / "data" / "finetune" / "reader" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return _ask(p), weights
+
+
+def query_realm_json_corrupt(p: Path):
+    bad = _write(p / "data" / "finetune" / "query" / "realm.json", '{"class": "Embedder", "dim": 1')
+    return _ask(p), bad
+
+
+def reader_dir_holds_another_model(p: Path):
+    reader = p / "data" / "finetune" / "reader"
+    shutil.rmtree(reader)
+    shutil.copytree(p / "data" / "finetune" / "query", reader)
+    return _ask(p), reader
+
+
+def index_faiss_corrupt(p: Path):
+    _write(p / "data" / "finetune" / "index" / "index.faiss", b"not a faiss index")
+    return _ask(p), p / "data" / "finetune" / "index"
+
+
+def index_over_other_blocks(p: Path):
+    index = DenseIndex.load(p / "data" / "finetune" / "index")
+    DenseIndex(index.embeddings[:5], np.arange(5, dtype=np.int64)).save(p / "data" / "finetune" / "index")
+    return _ask(p), p / "data" / "finetune" / "index"
+
+
+def block_longer_than_limit(p: Path):
+    blocks = p / "data" / "corpus" / "blocks.jsonl"
+    rows = [json.loads(line) for line in blocks.read_text().splitlines()]
+    rows[3]["text"] = " ".join([rows[3]["text"]] * 8)  # ~100 wordpieces > corpus.max_block_tokens = 64
+    blocks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _ask(p), blocks
+
+
+def block_missing_key(p: Path):
+    blocks = p / "data" / "corpus" / "blocks.jsonl"
+    rows = [json.loads(line) for line in blocks.read_text().splitlines()]
+    del rows[1]["sentences"]
+    blocks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _ask(p), blocks
+
+
+ROWS = [
+    Bad("QA file (corpus.qa_train) empty", qa_empty, 1, "expected lines"),
+    Bad("QA file with invalid UTF-8 on line 2", qa_bad_utf8, 2, "re-encode the file as UTF-8"),
+    Bad("QA line without a question", qa_no_question, 2, "must be a non-empty string"),
+    Bad("QA line whose answer is a blank string", qa_empty_answer_string, 3, "non-empty list of non-empty strings"),
+    Bad("params.yaml not valid YAML (bad indentation)", params_not_yaml, 4, "fix the syntax there"),
+    Bad("params.yaml section given a number", params_section_not_mapping, 3, "valid dictionary"),
+    Bad("model.backbone: a directory that does not exist", backbone_missing, None, "give a local directory"),
+    Bad("backbone directory without vocab.txt / tokenizer.json", backbone_without_vocab, None, "copy the checkpoint's vocabulary files"),
+    Bad("backbone with pickled pytorch_model.bin only", backbone_pickle_only, None, "pickled pytorch_model.bin is refused"),
+    Bad("backbone model.safetensors truncated", backbone_corrupt_safetensors, None, "fix or replace the directory"),
+    Bad("fine-tuned query embedder directory missing", finetune_dir_missing_query, None, "`realm run`"),
+    Bad("fine-tuned reader model.safetensors truncated", reader_truncated_safetensors, None, "rerun the stage that writes it"),
+    Bad("fine-tuned realm.json cut short (corrupt)", query_realm_json_corrupt, None, "rerun the stage that writes it"),
+    Bad("reader directory holds an Embedder", reader_dir_holds_another_model, None, "give the SpanReader's directory"),
+    Bad("index.faiss corrupted", index_faiss_corrupt, None, "`dvc repro -f finetune`"),
+    Bad("index of 5 vectors for 10 blocks (size mismatch)", index_over_other_blocks, None, "rebuild it (`dvc repro -f finetune`)"),
+    Bad("blocks.jsonl block longer than corpus.max_block_tokens", block_longer_than_limit, 4, "`dvc repro -f corpus`"),
+    Bad("blocks.jsonl record without 'sentences'", block_missing_key, 2, "`dvc repro corpus`"),
+]
+
+
+def copy_project(template: Path, dest: Path) -> Path:
+    """A fresh copy whose params.yaml points at the copy's own backbone (rows may break it)."""
+    shutil.copytree(template, dest)
+    _set_param(dest, "model", "backbone", str(dest / "tinybert"))
+    return dest
+
+
+def run_row(row: Bad, project: Path) -> tuple[BaseException | None, Path]:
+    """Break the project as the row says and return the exception raised (None if nothing was)."""
+    action, named = row.make(project)
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        return exc, named
+    return None, named
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_finetuned_project(tmp_path_factory.mktemp("bad-inputs-template"))
+
+
+@pytest.fixture()
+def project(template, tmp_path):
+    return copy_project(template, tmp_path / "project")
+
+
+def test_the_intact_project_loads(project):
+    """The rows below fail because of what they break, not because the template is broken."""
+    assert len(Answerer.from_project(project).model.store) == 10
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.make.__name__ for r in ROWS])
+def test_bad_input_gives_one_clear_error(row: Bad, project: Path):
+    exc, named = run_row(row, project)
+    assert isinstance(exc, (InputError, ParamsError)), f"{row.input}: got {type(exc).__name__}: {exc}"
+    message = str(exc)
+    assert exc.__cause__ is None and "Traceback" not in message
+    assert str(named) in message, f"the message does not name {named}: {message}"
+    if row.line is not None:
+        assert f"{named}:{row.line}:" in message, message
+    assert row.fix in message, message
+
+
+def test_realm_stage_on_bad_params_exits_nonzero_and_keeps_earlier_outputs(tmp_path):
+    """CLI level: `realm stage corpus` in a copy with a wrongly typed param stops before Prefect
+    starts, with one message naming params.yaml:line, and the previous outputs stay as they were."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("max_block_tokens:"))
+    lines[at] = "  max_block_tokens: lots"
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    earlier = _write(tmp_path / "data" / "corpus" / "blocks.jsonl", '{"id": 0, "title": "kept"}\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "corpus"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"{tmp_path / 'params.yaml'}:{at + 1}: 'corpus.max_block_tokens'" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1
+    assert earlier.read_text() == '{"id": 0, "title": "kept"}\n'
+    assert sorted(p.name for p in (tmp_path / "data" / "corpus").iterdir()) == ["blocks.jsonl"]
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def markdown_table() -> str:
+    """Run every row on a fresh copy of the tiny project; one table line per input."""
+    out = ["| input | error message |", "|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        template = make_finetuned_project(Path(tmp) / "template")
+        for i, row in enumerate(ROWS):
+            exc, _ = run_row(row, copy_project(template, Path(tmp) / f"p{i}"))
+            message = f"{type(exc).__name__}: {exc}".replace(tmp, "<tmp>").replace("\n", " ").replace("|", "\\|")
+            out.append(f"| {row.input} | {message} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
