@@ -2,8 +2,11 @@
 
     realm run [-S finetune.lr=3e-5] [--force]   the pipeline flow (dvc repro / dvc exp run)
     realm stage pretrain                        one stage's flow (what dvc.yaml's cmd runs)
+    torchrun --nproc_per_node 2 -m flows.cli train pretrain   a training stage on 2 processes (DDP)
     realm serve --cron "0 3 * * *"              serve the pipeline on a schedule (Prefect)
     realm ui [--tool prefect]                   MLflow (or Prefect) UI on 127.0.0.1
+    realm ask "who wrote hamlet?" [--json]      answer + retrieved evidence (latest fine-tuned model)
+    realm serve-api [--port 8000]               the same over HTTP (POST /ask) on 127.0.0.1
 
 Heavy libraries (torch, mlflow, prefect) are imported inside the commands, so `--help`
 stays fast (DESIGN.md 3b).
@@ -46,6 +49,14 @@ def _user_errors():
     from realm_core.io import InputError
 
     return (ParamsError, InputError)
+
+
+def _no_traceback_for_user_errors(record) -> bool:
+    """Prefect logs a failed flow's exception with its traceback; for bad input (InputError,
+    ParamsError) the message already names the file, line and fix, so drop the traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], _user_errors()):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _print_summary(result: dict) -> None:
@@ -95,15 +106,50 @@ def run(
 @app.command()
 def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> None:
     """Run one stage's Prefect flow in this directory (the `cmd` of each dvc.yaml stage)."""
-    configure()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every torchrun process would run the whole flow
+        _fail(f"`realm stage` runs a Prefect flow in one process; under torchrun use `torchrun ... -m flows.cli train {name.value}`")
+    root = configure()
     import importlib
+    import logging
 
+    from realm_core.config import load_params
+
+    try:
+        load_params(root / "params.yaml")  # bad params: one message, before Prefect starts a server
+    except _user_errors() as exc:
+        _fail(str(exc))
     flow_fn = getattr(importlib.import_module(f"flows.{name.value}"), f"{name.value}_flow")
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(_no_traceback_for_user_errors)
     try:
         final = flow_fn()
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
+
+
+class TrainingStage(str, Enum):
+    ict = "ict"
+    pretrain = "pretrain"
+    finetune = "finetune"
+
+
+@app.command()
+def train(name: Annotated[TrainingStage, typer.Argument(help="the training stage to run")]) -> None:
+    """Run a training stage without Prefect, for torchrun: `torchrun --nproc_per_node 2 -m flows.cli train pretrain`.
+
+    Same outputs, metrics and MLflow run as `realm stage <name>` (rank 0 writes them); then
+    `dvc commit <name>` records them. One process without torchrun works too (flows/train.py).
+    """
+    root = configure()
+    from flows.train import train_stage
+
+    try:
+        final = train_stage(name.value, root)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if final:
+        typer.echo(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
 
 @app.command()
@@ -143,6 +189,90 @@ def ui(
         argv = [os.path.join(bindir, "prefect"), "server", "start", "--host", host, "--port", str(port or 4200)]
     typer.echo(" ".join(argv))
     os.execv(argv[0], argv)
+
+
+def _load_answerer(root):
+    from realm_core.answer import Answerer
+
+    try:
+        return Answerer.from_project(root)
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+def _print_answer(answer) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{answer.answer}[/bold]  (score {answer.score:.3f}, from block {answer.block_id}: {answer.block_title})")
+    table = Table(title=f"top {len(answer.evidence)} retrieved blocks for: {answer.question}")
+    for col, justify in (("rank", "right"), ("block", "right"), ("title", "left"), ("f(x,z)", "right"), ("p(z|x)", "right"), ("text", "left")):
+        table.add_column(col, justify=justify)
+    for e in answer.evidence:
+        mark = " *" if e.block_id == answer.block_id else ""
+        snippet = e.text if len(e.text) <= 120 else e.text[:117] + "..."
+        table.add_row(f"{e.rank}{mark}", str(e.block_id), e.title, f"{e.score:.3f}", f"{e.probability:.3f}", snippet)
+    console.print(table)
+    console.print("* the block the answer span comes from; p(z|x) is the softmax of f(x,z) over the blocks listed")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the question, e.g. 'who wrote the nutcracker ballet?'")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="how many retrieved blocks to show")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (for scripts)")] = False,
+) -> None:
+    """Answer a question with the latest fine-tuned model and show the blocks it retrieved, with their scores."""
+    import json
+
+    from flows.env import project_root
+
+    answerer = _load_answerer(project_root())
+    try:
+        answer = answerer(question, top_k)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False))
+    else:
+        _print_answer(answer)
+
+
+@app.command("serve-api")
+def serve_api(
+    host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """Serve GET /health and POST /ask {"question", "top_k"} (the JSON of `realm ask --json`) over HTTP."""
+    from flows.env import project_root
+
+    answerer = _load_answerer(project_root())  # once, before binding: a missing model is one clear error
+    import uvicorn
+
+    from flows.api import create_app
+
+    uvicorn.run(create_app(answerer), host=host, port=port)
+
+
+BENCHES = ("quality", "ablations", "index", "throughput", "embed_runners")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(BENCHES)}")],
+) -> None:
+    """Run a benchmark script bench/<name>.py (extra arguments, e.g. --quick, are passed on); it prints a table and writes bench/results/."""
+    import subprocess
+    import sys
+
+    from flows.env import project_root
+
+    if name not in BENCHES:
+        _fail(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHES)}")
+    root = project_root()
+    raise typer.Exit(subprocess.call([sys.executable, str(root / "bench" / f"{name}.py"), *ctx.args], cwd=root))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.env import project_root
-from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id
+from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id, tracking_client
 from realm_core.config import Params, ParamsError, flatten, load_params
 from realm_core.paths import Paths
 
@@ -111,7 +111,7 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
     overrides = list(set_params or [])
     check_overrides(root_dir / "params.yaml", overrides)
 
-    client = MlflowClient()
+    client = tracking_client()  # a new SQLite store is created under a lock (two pipelines at once)
     experiment_id = ensure_experiment(client, root_dir)
     tags = {"realm.stage": "pipeline", "git.commit": git_commit(root_dir), "prefect.flow_run_id": prefect_flow_run_id(), "mlflow.source.name": "realm run"}
     parent = client.create_run(experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags).info.run_id

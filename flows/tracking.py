@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -28,6 +29,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 
 from flows.env import project_root
+from flows.resume import link_resumed_run, process_tags
 from realm_core.config import Params, load_params
 from realm_core.io import atomic_write_text, write_json
 from realm_core.paths import Paths
@@ -47,6 +49,22 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+
+
+def tracking_client() -> MlflowClient:
+    """An MlflowClient; on a SQLite store, made under a file lock next to the database.
+
+    Creating a client creates or migrates a SQLite store's schema, and two processes doing it at
+    once fail ("duplicate column name: step"): two pipelines started together on a new store.
+    """
+    import mlflow
+    from filelock import FileLock
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        return MlflowClient(uri)
 
 
 def ensure_experiment(client: MlflowClient, root: Path) -> str:
@@ -135,6 +153,14 @@ class StepRecorder:
         while self._pending:  # MLflow accepts at most 1000 metrics per batch
             batch, self._pending = self._pending[:1000], self._pending[1000:]
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def preload(self, rows: dict[int, dict[str, float]]) -> None:
+        """Rows an interrupted earlier attempt logged (not re-sent to MLflow): a resumed stage's curve
+        and final metrics then cover all steps, as if it had never been interrupted."""
+        with self._lock:
+            for step in sorted(rows):
+                self.rows.setdefault(step, {}).update(rows[step])
+                self.last.update(rows[step])
 
     def columns(self) -> list[str]:
         return sorted({k for row in self.rows.values() for k in row})
@@ -235,35 +261,41 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     """Open the stage's MLflow run; on success write its metrics and artefacts, else mark it failed.
 
     A KeyboardInterrupt/SIGINT marks the run KILLED, any other exception FAILED, and the
-    exception propagates so the stage process exits non-zero and DVC records nothing.
+    exception propagates so the stage process exits non-zero and DVC records nothing. A SIGKILLed
+    run is marked KILLED by the stage's next attempt, which links to it (`link_resumed_run`).
+    On success the stage's resumable state in runs/<stage>/ is deleted: its outputs are saved.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     root = project_root(root)
     params = load_params(root / "params.yaml")
     paths = Paths(root)
-    client = MlflowClient()
+    client = tracking_client()
     tags = {
         "realm.stage": stage,
         "git.commit": git_commit(root),
         "prefect.flow_run_id": prefect_flow_run_id(),
         "mlflow.source.name": f"realm stage {stage}",
+        **process_tags(root),
     }
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    run = client.create_run(ensure_experiment(client, root), run_name=stage, tags=tags)
+    experiment_id = ensure_experiment(client, root)
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
     run_id = run.info.run_id
     ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id))
     status = "FAILED"
     try:
+        link_resumed_run(client, experiment_id, ctx)
         _log_params_and_inputs(client, run_id, stage, params, paths)
         yield ctx
         ctx.recorder.flush()
         _finish(client, ctx, getattr(paths, stage))
         status = "FINISHED"
+        shutil.rmtree(paths.scratch(stage), ignore_errors=True)
     except KeyboardInterrupt:
         status = "KILLED"
         raise

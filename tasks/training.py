@@ -6,20 +6,28 @@ and returns paths or small metric dicts, never models.
 
 from __future__ import annotations
 
-import os
+import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
-from realm_core.blocks import BlockStore, embed_blocks
+from realm_core import distributed
+from realm_core.answer import load_open_qa as open_qa_over_index
+from realm_core.blocks import BlockStore
+from realm_core.checkpoint import Checkpointer, fingerprint
 from realm_core.config import Params
+from realm_core.evaluate import dense_recall
 from realm_core.finetune import OpenQA, finetune, load_questions
-from realm_core.ict import train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
+from realm_core.ict import train_ict, warmup_mlm_head
+from realm_core.io import atomic_dir, write_json
 from realm_core.logging import StepLogger
 from realm_core.modeling import (
     KnowledgeAugmentedEncoder,
@@ -38,13 +46,49 @@ from realm_core.modeling import (
 )
 from realm_core.paths import Paths
 from realm_core.pretrain import Pretrainer, make_queries, pretrain
+from realm_core.refresh import make_refresher
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator; under torchrun torch's (dropout) gets seed + rank and each process
+    its share of the cores (realm_core/distributed.py). Rank 0 / one process: exactly `seed`."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.manual_seed(seed + distributed.rank())
+    torch.set_num_threads(distributed.threads_per_process())
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow; a plain logger under `realm train` (torchrun, no flow run)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("realm.train")
+
+
+def stage_fingerprint(params: Params, paths: Paths, stage: str) -> str:
+    """Hash of what DVC keys `stage` on in dvc.yaml (its params and the bytes of its deps, code
+    included), so a checkpoint never survives a change that DVC reruns the stage for.
+    `checkpoint_every` is left out: how often state is saved does not change the result."""
+    spec = yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    names = [p for p in spec.get("params", []) if isinstance(p, str)]
+    flat = {k: v for k, v in params.flat().items() if any(k == n or k.startswith(n + ".") for n in names) and not k.endswith(".checkpoint_every")}
+    return fingerprint({"stage": stage, "params": flat}, [paths.root / d for d in spec.get("deps", [])])
+
+
+def stage_checkpointer(params: Params, paths: Paths, stage: str, loop: str, log: StepLogger | None = None) -> Checkpointer:
+    """Resumable state of one training loop in the untracked runs/<stage>/<loop>/ (DVC has no checkpoints,
+    DESIGN.md 2); saved every `<stage>.checkpoint_every` steps and deleted once the stage succeeds.
+    The step logger's buffered metrics are flushed before each save, so a killed attempt's MLflow
+    run holds every step its last checkpoint covers (flows/resume.py copies them on resume)."""
+    every = getattr(getattr(params, stage), "checkpoint_every", 0)
+    flush = getattr(log, "flush", None)
+    return Checkpointer(paths.scratch(stage) / loop, every, stage_fingerprint(params, paths, stage), before_save=(lambda _: flush()) if flush else None)
+
+
+def log_resume(checkpoint: Checkpointer, what: str) -> None:
+    if checkpoint.resumed_step:
+        run_logger().info("%s resumed from checkpoint step %d (%s)", what, checkpoint.resumed_step, checkpoint.directory)
 
 
 def load_store(params: Params, paths: Paths) -> BlockStore:
@@ -59,9 +103,11 @@ def train_ict_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger)
     store = load_store(params, paths)
     device = resolve_device(params.device)
     retriever = new_retriever(params)
-    get_run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
+    run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
     c = params.ict
-    train_ict(retriever, store, steps=c.steps, batch_size=c.batch_size, lr=c.lr, remove_prob=c.remove_prob, max_query_tokens=params.model.max_query_tokens, seed=params.seed, device=device, log=log)
+    ckpt = stage_checkpointer(params, paths, "ict", "retriever", log)
+    train_ict(retriever, store, steps=c.steps, batch_size=c.batch_size, lr=c.lr, remove_prob=c.remove_prob, max_query_tokens=params.model.max_query_tokens, seed=params.seed, device=device, log=log, checkpoint=ckpt)
+    log_resume(ckpt, "ICT")
     save_retriever(retriever.cpu(), out_dir / "retriever")
     return out_dir / "retriever"
 
@@ -73,7 +119,9 @@ def warmup_mlm_head_task(params: Params, paths: Paths, out_dir: Path, log: StepL
     store = load_store(params, paths)
     encoder = KnowledgeAugmentedEncoder.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers)
     c = params.ict
-    warmup_mlm_head(encoder, store, steps=c.mlm_warmup_steps, batch_size=c.mlm_batch_size, lr=c.mlm_lr, seed=params.seed, device=resolve_device(params.device), log=log)
+    ckpt = stage_checkpointer(params, paths, "ict", "mlm_head", log)
+    warmup_mlm_head(encoder, store, steps=c.mlm_warmup_steps, batch_size=c.mlm_batch_size, lr=c.mlm_lr, seed=params.seed, device=resolve_device(params.device), log=log, checkpoint=ckpt)
+    log_resume(ckpt, "MLM head warm-up")
     save_encoder(encoder.cpu(), out_dir / "encoder")
     return out_dir / "encoder"
 
@@ -90,13 +138,17 @@ def initial_retriever(params: Params, paths: Paths) -> Retriever:
 
 @task(cache_policy=NO_CACHE)
 def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) -> dict[str, float]:
-    """REALM pre-training from the ICT retriever and the warmed-up encoder; saves both."""
+    """REALM pre-training from the ICT retriever and the warmed-up encoder.
+
+    Saves the last retriever and encoder, the best ones by retrieval utility in out_dir/best,
+    and every index refresh (snapshot step, swap step, staleness, trainer wait) in refresh_log.json.
+    """
     seed_everything(params.seed)
     store = load_store(params, paths)
     device = resolve_device(params.device)
     c = params.pretrain
     queries = make_queries(store, c.masking, params.model.max_query_tokens, c.max_masks, params.seed)
-    get_run_logger().info("%d %s-masking queries over %d blocks", len(queries), c.masking, len(store))
+    run_logger().info("%d %s-masking queries over %d blocks; %s index refresh every %d steps", len(queries), c.masking, len(store), c.refresh_mode, c.refresh_every)
     trainer = Pretrainer(
         initial_retriever(params, paths),
         load_encoder(paths.ict / "encoder"),
@@ -108,33 +160,40 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
         null_block=c.null_block,
         exclude_source=c.exclude_source,
     )
-    summary = pretrain(trainer, queries, steps=c.steps, batch_size=c.batch_size, lr=c.lr, refresh_every=c.refresh_every, seed=params.seed, log=log)
+    refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh", max_staleness=c.max_staleness, threads=c.refresh_threads)
+
+    best_dir = paths.scratch("pretrain") / "best"  # beside the checkpoints, so a resumed run keeps it
+
+    def save_best(step: int, utility: float) -> None:
+        with atomic_dir(best_dir) as best:
+            save_retriever(trainer.retriever, best / "retriever")
+            save_encoder(trainer.encoder, best / "encoder")
+            write_json(best / "best.json", {"step": step, "retrieval_utility_window": utility, "window": c.best_window})
+
+    dev = load_questions(paths.qa_dev)
+
+    def dev_recall(index: DenseIndex) -> dict[str, float]:
+        """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh)."""
+        recall = dense_recall(trainer.retriever.query, store, index, dev, recall_at=params.evaluate.recall_at, max_query_tokens=params.model.max_query_tokens, device=device)
+        return {f"dev_{k.replace('@', '_at_')}": v for k, v in recall.items()}  # MLflow names cannot hold "@"
+
+    ckpt = stage_checkpointer(params, paths, "pretrain", "trainer", log)
+    summary = pretrain(trainer, queries, steps=c.steps, batch_size=c.batch_size, lr=c.lr, refresher=refresher, seed=params.seed, log=log, best_window=c.best_window, on_best=save_best, checkpoint=ckpt, on_index=dev_recall)
+    log_resume(ckpt, "pre-training")
+    if best_dir.exists():
+        shutil.copytree(best_dir, out_dir / "best")
+    write_json(out_dir / "refresh_log.json", {"mode": c.refresh_mode if c.refresh_every else "never", "refresh_every": c.refresh_every, "refreshes": refresher.log()})
+    for r in refresher.records:
+        run_logger().info("index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s", r.snapshot_step, r.swap_step, r.staleness, r.build_seconds, r.wait_seconds)
     save_retriever(trainer.retriever.cpu(), out_dir / "retriever")
     save_encoder(trainer.encoder.cpu(), out_dir / "encoder")
     return summary
 
 
-@task(cache_policy=NO_CACHE)
-def build_frozen_index_task(params: Params, paths: Paths, out_dir: Path) -> Path:
-    """Embed every block once with the pre-trained document embedder (frozen in fine-tuning)."""
-    store = load_store(params, paths)
-    doc = load_embedder(paths.pretrain / "retriever" / "doc")
-    emb = embed_blocks(doc, store, resolve_device(params.device), params.pretrain.embed_batch_size)
-    DenseIndex(emb, np.arange(len(store), dtype=np.int64)).save(out_dir / "index", meta={"source": "pretrain/retriever/doc"})
-    return out_dir / "index"
-
-
 def load_open_qa(params: Params, paths: Paths, query_dir: Path, reader: SpanReader, index_dir: Path) -> OpenQA:
-    store = load_store(params, paths)
-    return OpenQA(
-        load_embedder(query_dir),
-        reader,
-        store,
-        DenseIndex.load(index_dir),
-        device=resolve_device(params.device),
-        max_query_tokens=params.model.max_query_tokens,
-        max_span=params.finetune.max_span_tokens,
-    )
+    """OpenQA over the blocks and the frozen index; a corrupt index or one built over other blocks
+    is an InputError naming it (realm_core.answer.load_open_qa, shared with `realm ask`)."""
+    return open_qa_over_index(params, paths, load_embedder(query_dir), reader, index_dir)
 
 
 @task(cache_policy=NO_CACHE)
@@ -145,8 +204,10 @@ def finetune_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     reader = SpanReader(load_encoder(paths.pretrain / "encoder").bert, hidden=c.span_hidden)
     model = load_open_qa(params, paths, paths.pretrain / "retriever" / "query", reader, out_dir / "index")
     questions = load_questions(paths.qa_train)
-    get_run_logger().info("fine-tuning on %d questions over %d blocks", len(questions), len(model.store))
-    summary = finetune(model, questions, steps=c.steps, batch_size=c.batch_size, lr=c.lr, retriever_top_k=c.retriever_top_k, reader_top_k=c.top_k, seed=params.seed, log=log)
+    run_logger().info("fine-tuning on %d questions over %d blocks", len(questions), len(model.store))
+    ckpt = stage_checkpointer(params, paths, "finetune", "openqa", log)
+    summary = finetune(model, questions, steps=c.steps, batch_size=c.batch_size, lr=c.lr, retriever_top_k=c.retriever_top_k, reader_top_k=c.top_k, seed=params.seed, log=log, checkpoint=ckpt)
+    log_resume(ckpt, "fine-tuning")
     save_embedder(model.query.cpu(), out_dir / "query")
     save_reader(model.reader.cpu(), out_dir / "reader")
     return summary

@@ -130,3 +130,19 @@ def test_git_commit_is_dirty_for_code_changes_but_not_for_files_the_pipeline_wri
     assert git_commit(tmp_path) == clean
     (tmp_path / "code.py").write_text("v2\n")
     assert git_commit(tmp_path) == clean + "-dirty"
+
+
+def test_realm_bench_runs_the_named_script_with_its_arguments(monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda argv, cwd: calls.append((argv, cwd)) or 0)
+    result = CliRunner().invoke(cli.app, ["bench", "quality", "--quick"])
+    assert result.exit_code == 0, result.output
+    (argv, cwd), = calls
+    assert argv[0] == sys.executable and Path(argv[1]) == Path(cwd) / "bench" / "quality.py" and argv[2:] == ["--quick"]
+    assert all((Path(cwd) / "bench" / f"{name}.py").exists() for name in cli.BENCHES)
+    unknown = CliRunner().invoke(cli.app, ["bench", "nope"])
+    assert unknown.exit_code != 0 and "unknown benchmark" in unknown.output and len(calls) == 1

@@ -30,7 +30,7 @@ TINY_PARAMS = {
     "model": {"num_hidden_layers": None, "max_query_tokens": 32},
     "corpus": {"max_passages": 40, "max_block_tokens": 64, "qa_fraction": 0.5, "shards": 2},
     "ict": {"steps": 4, "batch_size": 4, "mlm_warmup_steps": 3, "mlm_batch_size": 4},
-    "pretrain": {"steps": 6, "batch_size": 2, "top_k": 3, "refresh_every": 2},
+    "pretrain": {"steps": 6, "batch_size": 2, "top_k": 3, "refresh_every": 2, "refresh_mode": "sync"},
     "finetune": {"steps": 4, "batch_size": 2, "top_k": 2, "retriever_top_k": 10},
     "evaluate": {"recall_at": [1, 5], "top_k": 2},
 }
@@ -116,8 +116,9 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
     # per-step metrics reached MLflow, including the index refreshes of pre-training
     pre = children["pretrain"].info.run_id
     assert len(client.get_metric_history(pre, "loss")) == TINY_PARAMS["pretrain"]["steps"]
-    refreshes = client.get_metric_history(pre, "refresh_count")
-    assert len(refreshes) >= 2
+    refreshes = client.get_metric_history(pre, "refresh_snapshot_step")
+    assert sorted(m.value for m in refreshes) == [0, 2, 4]  # the initial index and the refreshes at steps 2 and 4
+    assert len(client.get_metric_history(pre, "dev_recall_at_5")) == 3  # zero-shot recall of each index
     assert len(client.get_metric_history(children["ict"].info.run_id, "ict_loss")) == TINY_PARAMS["ict"]["steps"]
 
     evaluation = json.loads((proj / "metrics" / "evaluate.json").read_text())
@@ -181,3 +182,47 @@ def test_a_bad_override_stops_with_one_clear_message(project):
     out = _sh([str(BIN / "realm"), "run", "-S", "finetune.learning_rate=1"], proj, env, check=False)
     assert out.returncode == 1
     assert "finetune.learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_readme_commands_dag_metrics_diff_torchrun_train_dvc_commit_and_ui(project):
+    """The README's remaining everyday commands, on the finished tiny project."""
+    import time
+    import urllib.request
+
+    proj, env = project
+    dag = _sh([str(BIN / "dvc"), "dag"], proj, env).stdout
+    assert all(stage in dag for stage in STAGES)
+    _sh([str(BIN / "dvc"), "metrics", "diff"], proj, env)  # workspace vs HEAD: runs, exits 0
+    # Running on a cluster: torchrun N processes of `realm train`, then `dvc commit` records the outputs.
+    train = _sh([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "flows.cli", "train", "ict"], proj, env)
+    assert "ict" in (train.stdout + train.stderr)
+    _sh([str(BIN / "dvc"), "commit", "-f", "ict"], proj, env)
+    assert "changed" not in _sh([str(BIN / "dvc"), "status", "ict"], proj, env).stdout  # the torchrun outputs are recorded
+    _, runs = _runs(proj)
+    assert [r for r in runs if r.data.tags.get("realm.stage") == "ict" and r.data.tags.get("realm.world_size") == "2"]
+    # realm ui: the MLflow UI over the project's run store, on loopback
+    port = _free_port()
+    ui = subprocess.Popen([str(BIN / "realm"), "ui", "--port", str(port)], cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI did not come up"
+                time.sleep(1)
+    finally:
+        import signal
+
+        os.killpg(ui.pid, signal.SIGTERM)  # the server and its worker
+        ui.wait(timeout=30)

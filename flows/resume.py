@@ -1,0 +1,91 @@
+"""Resuming a killed stage, on the MLflow side.
+
+A SIGKILLed stage process cannot mark its own MLflow run: the run stays RUNNING forever. The
+next attempt of the stage finds such runs (same stage, RUNNING, their process gone), marks them
+KILLED and, when its own workspace holds checkpoints of the killed attempt (runs/<stage>/,
+realm_core/checkpoint.py), links to it with the tags `resumed_from` and `resumed_at_step`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+if TYPE_CHECKING:
+    from flows.tracking import StageContext
+
+
+def process_tags(root: Path) -> dict[str, str]:
+    """Who runs this stage, where: a later attempt uses them to tell a killed run from a live one."""
+    return {
+        "realm.host": socket.gethostname(),
+        "realm.pid": str(os.getpid()),
+        "realm.pid_started": repr(psutil.Process().create_time()),
+        "realm.root": str(root.resolve()),
+    }
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """True when the run's process (same host) no longer exists, is a zombie or its pid was reused."""
+    if tags.get("realm.host") != socket.gethostname() or not tags.get("realm.pid", "").isdigit():
+        return False  # another machine, or a run from before these tags: cannot tell
+    try:
+        proc = psutil.Process(int(tags["realm.pid"]))
+        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - float(tags.get("realm.pid_started", "0"))) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+
+
+def mark_interrupted_runs(client: MlflowClient, experiment_id: str, stage: str) -> list[Run]:
+    """Mark KILLED the runs of `stage` still RUNNING whose process is gone, newest first.
+
+    A SIGKILLed stage cannot mark its own run, so the next attempt of the stage does it.
+    """
+    query = f"tags.`realm.stage` = '{stage}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    gone = [r for r in runs if process_gone(r.data.tags)]
+    for r in gone:
+        client.set_terminated(r.info.run_id, "KILLED")
+    return gone
+
+
+def earlier_rows(client: MlflowClient, run_id: str, max_links: int = 20) -> dict[int, dict[str, float]]:
+    """Per-step metrics of `run_id` and the attempts it resumed from, oldest overwritten by newest."""
+    chain: list[Run] = []
+    while run_id and len(chain) < max_links:
+        chain.append(client.get_run(run_id))
+        run_id = chain[-1].data.tags.get("resumed_from", "")
+    rows: dict[int, dict[str, float]] = {}
+    for run in reversed(chain):
+        for key in run.data.metrics:
+            for m in client.get_metric_history(run.info.run_id, key):
+                rows.setdefault(m.step, {})[key] = m.value
+    return rows
+
+
+def link_resumed_run(client: MlflowClient, experiment_id: str, ctx: StageContext) -> None:
+    """Close the runs of killed attempts of this stage and link this run to the newest one.
+
+    Tags `resumed_from` (that run's id) and `resumed_at_step`: the step of the newest checkpoint in
+    runs/<stage>/ ("<loop>:<step>,..." for a stage with several loops; 0 = nothing to resume; the
+    loop still discards a checkpoint made with other params or inputs). When resuming, the
+    earlier attempts' per-step rows are preloaded so the curve and final metrics are complete.
+    """
+    root = str(ctx.paths.root.resolve())
+    killed = [r for r in mark_interrupted_runs(client, experiment_id, ctx.stage) if r.data.tags.get("realm.root") == root]
+    if not killed:  # checkpoints live in the workspace: only an attempt in this one is resumed
+        return
+    from realm_core.checkpoint import resume_points  # imports torch: only when there is something to resume
+
+    points = resume_points(ctx.paths.scratch(ctx.stage))
+    at = str(next(iter(points.values()))) if len(points) == 1 else ",".join(f"{k}:{v}" for k, v in sorted(points.items())) or "0"
+    client.set_tag(ctx.run_id, "resumed_from", killed[0].info.run_id)
+    client.set_tag(ctx.run_id, "resumed_at_step", at)
+    if points:
+        ctx.recorder.preload(earlier_rows(client, killed[0].info.run_id))
