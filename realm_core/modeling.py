@@ -93,13 +93,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # devices torch has a fused AdamW kernel for
+
+
 def adamw_with_warmup(params, lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW whose learning rate ramps up linearly over the first 10% of steps, then stays.
 
     Every training stage uses it: the new projection, MLM head and span MLP start random, and
     a warm-up keeps their first large gradients from wrecking the pretrained backbone.
+
+    The update runs as torch's fused AdamW kernel where there is one (CPU, CUDA): the same
+    arithmetic in one pass over each tensor instead of about ten elementwise ops per tensor.
+    On 2 CPU cores torch's default per-tensor loop took ~9% of a pre-training step (its three
+    word-embedding tables alone are 35M parameters; bench/profile_throughput.py pretrain);
+    the fused updates differ from it by ~1e-8.
     """
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    params = list(params)
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    fused = all(t.device.type in _FUSED_ADAMW_DEVICES and t.is_floating_point() for t in tensors) or None
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused)
     warmup = max(1, steps // 10)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
 
