@@ -59,12 +59,12 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
         from realm_core.refresh import SyncRefresher
 
         c = params.pretrain
-        trainer = Pretrainer(load_retriever(data / "ict" / "retriever"), load_encoder(data / "ict" / "encoder"), store, top_k=c.top_k, device=CPU, embed_batch_size=c.embed_batch_size)
+        trainer = Pretrainer.from_params(load_retriever(data / "ict" / "retriever"), load_encoder(data / "ict" / "encoder"), store, c, CPU)
         queries = make_queries(store, c.masking, params.model.max_query_tokens, c.max_masks, params.seed)
         refresher = SyncRefresher(store, CPU, c.embed_batch_size, 0)  # refresh_every 0: no refresh inside the profile
         index = refresher.initial(trainer.retriever.doc)
         refresher.initial = lambda doc, step=0, history=None: index  # built once here, outside the profile
-        return lambda: pretrain(trainer, queries, steps=args.steps, batch_size=c.batch_size, lr=c.lr, refresher=refresher, seed=params.seed)
+        return lambda: pretrain(trainer, queries, c.model_copy(update={"steps": args.steps}), refresher=refresher, seed=params.seed)
     from realm_core.answer import load_open_qa
     from realm_core.finetune import finetune, load_questions
     from realm_core.modeling import SpanReader

@@ -260,14 +260,13 @@ def pretrain_rows(args: argparse.Namespace, params: Params, gate: Gate, work: Pa
         def setup(mode: str = mode) -> tuple:
             random.seed(params.seed)
             torch.manual_seed(params.seed)
-            trainer = Pretrainer(load_retriever(args.ict / "retriever"), load_encoder(args.ict / "encoder"), store, top_k=c.top_k, device=CPU,
-                                 embed_batch_size=c.embed_batch_size, loss_form=c.loss_form, null_block=c.null_block, exclude_source=c.exclude_source)
+            trainer = Pretrainer.from_params(load_retriever(args.ict / "retriever"), load_encoder(args.ict / "encoder"), store, c, CPU)
             refresher = make_refresher(args.refresh_every, mode, store, CPU, c.embed_batch_size, work_dir=work / f"refresh-{mode}",
                                        max_staleness=c.max_staleness, threads=c.refresh_threads)
             return trainer, refresher, time_close(refresher)
 
         def run(state: tuple) -> tuple:
-            pretrain(state[0], queries, steps=args.pretrain_steps, batch_size=c.batch_size, lr=c.lr, refresher=state[1], seed=params.seed)
+            pretrain(state[0], queries, c.model_copy(update={"steps": args.pretrain_steps}), refresher=state[1], seed=params.seed)
             return state
 
         (trainer, refresher, shutdown), m = gate.measure(f"pretrain {mode}", run, setup)
@@ -451,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, no waiting: a smoke test, not a measurement")
     ap.add_argument("--unfused-adamw", action="store_true", help="train with torch's default per-tensor AdamW loop, as before "
-                    "modeling.adamw_with_warmup used the fused kernel: the 'before' of that change")
+                    "optim.GroupedAdamW used the fused kernel: the 'before' of that change")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.gemm_size, args.gemm_repeats, args.max_wait = 1, 128, 2, 0

@@ -60,11 +60,12 @@ def embed_index_across_ranks(params: Params, paths: Paths, index_dir: Path, meta
 
 
 def _ict(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[str, float]:
-    from tasks.training import train_ict_task, warmup_mlm_head_task
+    from tasks.training import train_ict_task, warmup_encoder_task, warmup_mlm_head_task
 
     train_ict_task.fn(params, paths, out, log)
     warmup_mlm_head_task.fn(params, paths, out, log)
-    return _last(log, ["ict_loss", "ict_accuracy", "mlm_loss", "mlm_accuracy"])
+    reading = warmup_encoder_task.fn(params, paths, out, log)
+    return {**_last(log, ["ict_loss", "ict_accuracy", "mlm_loss", "mlm_accuracy", "encoder_warmup_loss", "encoder_warmup_accuracy"]), **reading}
 
 
 def _pretrain(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[str, float]:

@@ -83,7 +83,7 @@ class BlockStore:
         """[CLS] title [SEP] body [SEP] with segment ids; None is the null block; `drop` removes body tokens."""
         tok = self.tokenizer
         if block_id is None:
-            return [tok.cls_token_id, tok.sep_token_id, tok.sep_token_id], [0, 1, 1]
+            return [tok.cls_token_id, tok.sep_token_id, tok.sep_token_id], [0, 0, 1]  # empty title (0), empty body (1)
         body = self.body_ids[block_id]
         if drop is not None:
             body = body[: drop[0]] + body[drop[1] :]

@@ -24,6 +24,7 @@ class ModelParams(_Section):
     retriever_dim: int = Field(128, ge=1, description="REALM section 3.2: d = 128")
     pooling: Literal["cls", "mean"] = Field("mean", description="cls = REALM's pooled [CLS]; mean = MiniLM's own pooling")
     max_query_tokens: int = Field(48, ge=8)
+    share_embedders: bool = Field(False, description="one BERT tower for queries and blocks (REALM code's share_embedders)")
 
 
 class CorpusParams(_Section):
@@ -48,10 +49,33 @@ class IctParams(_Section):
     checkpoint_every: int = Field(20, ge=0, description="save resumable state to runs/ict every N steps; 0 = off")
 
 
+class EncoderWarmupParams(_Section):
+    """Teaching the knowledge-augmented encoder to read its evidence before the retriever trains
+    (realm_core/reading.py). A departure from the paper, which starts from a BERT MLM checkpoint
+    that already reads its context (section 3.4); ours has a new MLM head and no such skill."""
+
+    steps: int = Field(300, ge=0, description="0 = no warm-up (the 'encoder never warmed' ablation)")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0, description="the whole encoder, BERT-style AdamW with warm-up and linear decay")
+    evidence_prob: float = Field(0.8, ge=0.0, le=1.0, description="share of examples read with evidence (an answer-bearing block); the rest with the null or a random block")
+    source_prob: float = Field(0.3, ge=0.0, le=1.0, description="share of the evidence examples that read their own source block, the sentence kept (a verbatim copy task); the rest a non-source answer-bearing block")
+    min_evidence_gain: float = Field(1.0, description="gate: the probe's evidence gain (nats/token) expected before pre-training; below it the stage warns")
+
+
 class PretrainParams(_Section):
     steps: int = Field(60, ge=0)
     batch_size: int = Field(4, ge=1)
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(3e-5, gt=0, description="the knowledge-augmented encoder's learning rate; REALM: 3e-5 for everything")
+    query_lr: float = Field(3e-5, ge=0, description="the query tower's learning rate; 0 = frozen")
+    doc_lr: float = Field(3e-5, ge=0, description="the document tower's learning rate; 0 = frozen")
+    null_bias_lr: float = Field(1e-2, ge=0, description="learning rate of the null block's learned score bias")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay; never on biases and LayerNorm (BERT)")
+    warmup_fraction: float = Field(0.1, ge=0, le=1, description="linear warm-up over this share of the steps, then linear decay to 0")
+    clip_norm: float = Field(1.0, ge=0, description="each part's gradient norm is clipped on its own; 0 = no clipping")
+    dropout: bool = Field(False, description="false = candidates scored with dropout off (eval mode; gradients still flow)")
+    null_bias: bool = Field(True, description="a learned bias on the null block's score, calibrated at step 0 (departure)")
+    query_filter: Literal["all", "answer_elsewhere"] = Field("answer_elsewhere", description="answer_elsewhere = only queries whose span occurs in a non-source block")
+    probe_size: int = Field(64, ge=0, description="held-out queries (whole source blocks) whose evidence gain is logged; 0 = none")
     top_k: int = Field(8, ge=2, description="candidates incl. the null block; REALM: 8")
     refresh_every: int = Field(20, ge=0, description="0 = never refresh")
     refresh_mode: Literal["async", "sync"] = Field("async", description="async = index builder in a separate process (section 3.3); sync = in the trainer")
@@ -138,6 +162,7 @@ class Params(_Section):
     model: ModelParams = Field(default_factory=ModelParams)
     corpus: CorpusParams = Field(default_factory=CorpusParams)
     ict: IctParams = Field(default_factory=IctParams)
+    encoder_warmup: EncoderWarmupParams = Field(default_factory=EncoderWarmupParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)

@@ -24,7 +24,8 @@ from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
 from realm_core.metrics import answer_spans, has_answer
-from realm_core.modeling import Embedder, SpanReader, adamw_with_warmup, marginal_over_correct
+from realm_core.modeling import Embedder, SpanReader, marginal_over_correct
+from realm_core.optim import GroupedAdamW, Part
 
 
 @dataclass
@@ -166,11 +167,10 @@ def finetune(
     if not questions:
         raise ValueError("no fine-tuning questions")
     rng = random.Random(seed)
-    params = list(model.query.parameters()) + list(model.reader.parameters())
-    optimizer, schedule = adamw_with_warmup(params, lr, steps)
+    opt = GroupedAdamW({"query": Part.of(model.query, lr), "reader": Part.of(model.reader, lr)}, steps)
     model.query.train()
     model.reader.train()
-    state = TrainState({"query": model.query, "reader": model.reader}, optimizer, schedule, {"batches": rng})
+    state = TrainState({"query": model.query, "reader": model.reader}, opt.optimizer, opt.schedule, {"batches": rng})
     start = checkpoint.restore(state) if checkpoint else 0
     history: list[dict[str, float]] = list(checkpoint.extra.get("history", [])) if start else []
     batch_size = distributed.global_batch_size(batch_size, len(questions))
@@ -178,12 +178,9 @@ def finetune(
     log = distributed.master_only(log)
     for step in trange(start, steps, desc="finetune", unit="step", mininterval=2.0, disable=not distributed.is_master()):
         out = loss_fn(distributed.shard(rng.sample(questions, batch_size)))
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad()
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        row = distributed.average(out)
+        row = distributed.average({**out, **opt.step()})
         history.append(row)
         log(row, step)
         if checkpoint:

@@ -24,7 +24,8 @@ from realm_core import distributed
 from realm_core.blocks import BlockStore, doc_batch, pad_batch, query_batch
 from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.logging import StepLogger, null_logger
-from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup
+from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever
+from realm_core.optim import GroupedAdamW, Part
 
 
 @dataclass
@@ -98,20 +99,18 @@ def train_ict(
         raise ValueError("ICT needs at least two blocks with two or more sentences; the corpus is too small")
     batch_size = distributed.global_batch_size(batch_size, len(pool))
     retriever.to(device).train()
-    optimizer, schedule = adamw_with_warmup(retriever.parameters(), lr, steps)
-    state = TrainState({"retriever": retriever}, optimizer, schedule, {"batches": rng})
+    opt = GroupedAdamW({"query": Part.of(retriever.query, lr), "doc": Part.of(retriever.doc, lr)}, steps)
+    state = TrainState({"retriever": retriever}, opt.optimizer, opt.schedule, {"batches": rng})
     start = checkpoint.restore(state) if checkpoint else 0
     loss_fn = distributed.data_parallel(lambda examples: ict_loss(retriever, examples, store, device), retriever)
     log = distributed.master_only(log)
     for step in trange(start, steps, desc="ict", unit="step", mininterval=2.0, disable=not distributed.is_master()):
         examples = [ict_example(store, b, rng, remove_prob, max_query_tokens) for b in rng.sample(pool, batch_size)]
         loss, acc = loss_fn(distributed.shard(examples))
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(retriever.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        log(distributed.average({"ict_loss": loss, "ict_accuracy": acc}), step)
+        norms = opt.step()
+        log(distributed.average({"ict_loss": loss, "ict_accuracy": acc, **{f"ict_{k}": v for k, v in norms.items()}}), step)
         if checkpoint:
             checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
     return retriever
@@ -154,9 +153,8 @@ def warmup_mlm_head(
     encoder.to(device).train()
     head = encoder.mlm.cls.predictions
     encoder.bert.requires_grad_(False)  # also freezes the tied decoder weight (= word embeddings)
-    head_params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(head_params, lr=lr)
-    state = TrainState({"encoder": encoder}, optimizer, None, {"batches": rng, "masking": gen})
+    opt = GroupedAdamW({"mlm_head": Part.of(head, lr)}, steps)  # the frozen tied decoder is skipped
+    state = TrainState({"encoder": encoder}, opt.optimizer, opt.schedule, {"batches": rng, "masking": gen})
     start = checkpoint.restore(state) if checkpoint else 0
     tok = store.tokenizer
     batch_size = distributed.global_batch_size(batch_size, len(store))
@@ -172,9 +170,9 @@ def warmup_mlm_head(
         loss_sum, correct = loss_fn(*local)
         per_token = distributed.world_size() / max(1, total)  # DDP averages over ranks: W * local sum / global count
         loss = loss_sum * per_token
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        optimizer.step()
+        opt.step()
         log(distributed.average({"mlm_loss": loss, "mlm_accuracy": correct * per_token}), step)
         if checkpoint:
             checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)

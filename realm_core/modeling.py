@@ -93,29 +93,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # devices torch has a fused AdamW kernel for
-
-
-def adamw_with_warmup(params, lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW whose learning rate ramps up linearly over the first 10% of steps, then stays.
-
-    Every training stage uses it: the new projection, MLM head and span MLP start random, and
-    a warm-up keeps their first large gradients from wrecking the pretrained backbone.
-
-    The update runs as torch's fused AdamW kernel where there is one (CPU, CUDA): the same
-    arithmetic in one pass over each tensor instead of about ten elementwise ops per tensor.
-    On 2 CPU cores torch's default per-tensor loop took ~9% of a pre-training step (its three
-    word-embedding tables alone are 35M parameters; bench/profile_throughput.py pretrain);
-    the fused updates differ from it by ~1e-8.
-    """
-    params = list(params)
-    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
-    fused = all(t.device.type in _FUSED_ADAMW_DEVICES and t.is_floating_point() for t in tensors) or None
-    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused)
-    warmup = max(1, steps // 10)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
-
 # ---------------------------------------------------------------------------- retriever
 
 
@@ -151,16 +128,25 @@ class Embedder(nn.Module):
 
 
 class Retriever(nn.Module):
-    """Two towers, as in REALM: a query embedder and a document embedder; f(x, z) = dot product."""
+    """Two towers, as in REALM: a query embedder and a document embedder; f(x, z) = dot product.
 
-    def __init__(self, query: Embedder, doc: Embedder):
+    `shared=True` uses one embedder for both (REALM's code has `share_embedders`): half the
+    parameters, and every gradient of either side reaches the same weights.
+    """
+
+    def __init__(self, query: Embedder, doc: Embedder | None = None):
         super().__init__()
         self.query = query
-        self.doc = doc
+        self.doc = query if doc is None else doc
+
+    @property
+    def shared(self) -> bool:
+        return self.doc is self.query
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int, pooling: str = "cls") -> "Retriever":
-        return cls(*(Embedder(load_bert(directory, num_hidden_layers), dim, pooling) for _ in range(2)))
+    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int, pooling: str = "cls", shared: bool = False) -> "Retriever":
+        query = Embedder(load_bert(directory, num_hidden_layers), dim, pooling)
+        return cls(query, None if shared else Embedder(load_bert(directory, num_hidden_layers), dim, pooling))
 
     @staticmethod
     def score(query_emb: torch.Tensor, doc_emb: torch.Tensor) -> torch.Tensor:
@@ -185,7 +171,8 @@ class KnowledgeAugmentedEncoder(nn.Module):
     def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None) -> "KnowledgeAugmentedEncoder":
         """Backbones without an MLM head (all-MiniLM-L6-v2 ships a bare BertModel) get a new one:
         its transform is freshly initialised and its decoder is tied to the word embeddings;
-        `realm_core.ict.warmup_mlm_head` then trains it."""
+        `realm_core.ict.warmup_mlm_head` trains it, then `realm_core.reading.warmup_encoder`
+        teaches the whole encoder to read its evidence."""
         kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
         try:
             mlm = BertForMaskedLM.from_pretrained(str(directory), use_safetensors=True, **kwargs)
@@ -207,10 +194,14 @@ class KnowledgeAugmentedEncoder(nn.Module):
         targets: torch.Tensor,  # [N, M] original token ids at those positions
     ) -> torch.Tensor:
         """log p(y_j | z, x) for every masked token j: [N, M]. Only masked rows reach the vocab layer."""
+        logits = self.masked_logits(input_ids, attention_mask, token_type_ids, mask_positions)  # [N, M, V]
+        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, M]
+
+    def masked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, mask_positions: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at the masked positions: [N, M, V]."""
         hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
         gathered = hidden.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N, M, h]
-        logits = self.mlm.cls(gathered)  # [N, M, V]
-        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, M]
+        return self.mlm.cls(gathered)  # [N, M, V]
 
 
 def marginal_log_likelihood(
@@ -236,15 +227,19 @@ def marginal_log_likelihood(
     raise ValueError(f"unknown loss form {form!r}; use per_token or product")
 
 
-def retrieval_utility(retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+def retrieval_utility(retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     """RU = log p(y|x) - log p(y|null, x), summed over masked tokens, mean over examples (section 4.5).
 
     Positive when retrieval helps predict the masked span; the null block is candidate 0.
+    `per_token=True` divides by the number of masked tokens instead (RU per token: comparable
+    across masking schemes whose spans differ in length).
     """
     mask = token_mask.to(token_log_probs.dtype)
     log_pz = retrieval_logits.log_softmax(-1)
     with_retrieval = (torch.logsumexp(log_pz.unsqueeze(-1) + token_log_probs, dim=1) * mask).sum(-1)  # [B]
     null_only = (token_log_probs[:, NULL_BLOCK] * mask).sum(-1)  # [B]
+    if per_token:
+        return (with_retrieval - null_only).sum() / mask.sum().clamp(min=1)
     return (with_retrieval - null_only).mean()
 
 
@@ -408,9 +403,13 @@ def save_reader(module: SpanReader, directory: Path) -> None:
 
 
 def save_retriever(retriever: Retriever, directory: Path) -> None:
+    """query/ and doc/ (the same weights twice when shared, so either loads alone) + retriever.json."""
     save_embedder(retriever.query, directory / "query")
     save_embedder(retriever.doc, directory / "doc")
+    (directory / "retriever.json").write_text(json.dumps({"shared": retriever.shared}))
 
 
 def load_retriever(directory: Path) -> Retriever:
-    return Retriever(load_embedder(directory / "query"), load_embedder(directory / "doc"))
+    meta = _read_json_object(directory / "retriever.json") if (directory / "retriever.json").exists() else {}
+    query = load_embedder(directory / "query")
+    return Retriever(query, None if meta.get("shared") else load_embedder(directory / "doc"))

@@ -19,106 +19,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import trange
 
 from realm_core import distributed
-from realm_core.blocks import BlockStore, pad_batch, query_batch
+from realm_core.blocks import BlockStore, doc_batch, query_batch
 from realm_core.checkpoint import Checkpointer, TrainState
+from realm_core.config import PretrainParams
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
-from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, adamw_with_warmup, marginal_log_likelihood, retrieval_utility
+from realm_core.masking import MASKINGS, MaskedQuery, encoder_inputs, make_queries, masked_query, random_span_queries, random_token_queries, salient_span_queries  # noqa: F401 (re-exported)
+from realm_core.modeling import NULL_BLOCK, KnowledgeAugmentedEncoder, Retriever, marginal_log_likelihood, retrieval_utility
+from realm_core.optim import GroupedAdamW, Part
+from realm_core.reading import Probe
 from realm_core.refresh import Refresher, RefreshRecord, build_index
-
-
-@dataclass
-class MaskedQuery:
-    """A pre-training query: one sentence of `block_id` with one salient span masked."""
-
-    block_id: int
-    input_ids: list[int]  # [CLS] masked sentence [SEP]
-    mask_positions: list[int]  # positions of the [MASK] tokens in input_ids
-    targets: list[int]  # the original wordpieces there
-
-
-MASKINGS = ("salient", "random_tokens", "random_spans")
-
-
-def _masked_query(store: BlockStore, block_id: int, sentence: list[int], masked: list[int]) -> MaskedQuery:
-    """`[CLS] sentence [SEP]` with every wordpiece at `masked` (0-based in the sentence) -> [MASK]."""
-    tok = store.tokenizer
-    ids = [tok.cls_token_id, *sentence, tok.sep_token_id]
-    targets = [ids[p + 1] for p in masked]
-    for p in masked:
-        ids[p + 1] = tok.mask_token_id
-    return MaskedQuery(block_id, ids, [p + 1 for p in masked], targets)
-
-
-def _sentences(store: BlockStore, max_query_tokens: int):
-    """(block, sentence start/end chars, sentence wordpieces cut to the query length, their offsets)."""
-    for block in store.blocks:
-        for s_start, s_end in block.sentences:
-            i, j = store.sentence_token_range(block.id, s_start, s_end)
-            j = min(j, i + max_query_tokens - 2)
-            if j > i:
-                yield block, s_start, s_end, store.body_ids[block.id][i:j], store.body_offsets[block.id][i:j]
-
-
-def salient_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int) -> list[MaskedQuery]:
-    """All (sentence, salient span) pairs as masked queries (section 3.4).
-
-    Every wordpiece of the span becomes [MASK] (no 80/10/10); spans of more than `max_masks`
-    wordpieces, and spans that the query length limit would cut, are skipped.
-    """
-    queries = []
-    for block, s_start, s_end, sentence, offsets in _sentences(store, max_query_tokens):
-        for a, b, _label in block.spans:
-            if not (s_start <= a and b <= s_end):
-                continue
-            masked = [p for p, (oa, ob) in enumerate(offsets) if oa < b and ob > a]
-            if not masked or len(masked) > max_masks or (b > offsets[-1][1]):  # none, too long, or cut off
-                continue
-            queries.append(_masked_query(store, block.id, sentence, masked))
-    return queries
-
-
-def random_token_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, prob: float = 0.15) -> list[MaskedQuery]:
-    """Ablation "random token masks" (REALM Table 2): 15% of a sentence's wordpieces (at least 1,
-    at most `max_masks`), chosen uniformly, all replaced by [MASK]; one query per sentence."""
-    rng = random.Random(seed)
-    queries = []
-    for block, _, _, sentence, _ in _sentences(store, max_query_tokens):
-        n = max(1, min(max_masks, round(prob * len(sentence))))
-        queries.append(_masked_query(store, block.id, sentence, sorted(rng.sample(range(len(sentence)), n))))
-    return queries
-
-
-def random_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, p: float = 0.2) -> list[MaskedQuery]:
-    """Ablation "random span masks" (REALM Table 2, after SpanBERT): one contiguous span per
-    sentence, length ~ Geometric(p) clipped to `max_masks` and the sentence, uniform start."""
-    rng = random.Random(seed)
-    queries = []
-    for block, _, _, sentence, _ in _sentences(store, max_query_tokens):
-        length = 1
-        while rng.random() > p and length < min(max_masks, len(sentence)):
-            length += 1
-        start = rng.randrange(len(sentence) - length + 1)
-        queries.append(_masked_query(store, block.id, sentence, list(range(start, start + length))))
-    return queries
-
-
-def make_queries(store: BlockStore, masking: str, max_query_tokens: int, max_masks: int, seed: int) -> list[MaskedQuery]:
-    """The pre-training queries for `pretrain.masking` (salient = REALM; the others are its ablations)."""
-    if masking == "salient":
-        return salient_span_queries(store, max_query_tokens, max_masks)
-    if masking == "random_tokens":
-        return random_token_queries(store, max_query_tokens, max_masks, seed)
-    if masking == "random_spans":
-        return random_span_queries(store, max_query_tokens, max_masks, seed)
-    raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
 
 
 def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
@@ -132,6 +49,25 @@ def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
     return out
 
 
+class NullScore(nn.Module):
+    """A learned bias added to the null block's retrieval score f(x, null).
+
+    A departure from the paper (switch `pretrain.null_bias`). REALM scores the null block like
+    any other, f(x, null) = Embed_input(x) . Embed_doc([CLS] [SEP] [SEP]); on the default run that
+    gave it a median p(null | x) of 1.5e-9 at step 0 and 4.6e-12 at the end, so the "retrieve
+    nothing" option of section 3.4 had no effect. The bias is calibrated once at step 0 so the
+    null block scores like an average retrieved block, then learned at its own rate.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, k] -> [B, k] with the bias added to candidate 0 (the null block)."""
+        return torch.cat([logits[:, :1] + self.bias, logits[:, 1:]], dim=1)
+
+
 class Pretrainer:
     """One REALM pre-training step at a time, over a stale index of the blocks.
 
@@ -139,6 +75,13 @@ class Pretrainer:
     why both exist): without the null block every candidate is a retrieved block (and retrieval
     utility, defined against the null block, is not logged); without source exclusion the
     sentence's own block may be retrieved and the task becomes trivial.
+
+    `dropout=False` (the default, a departure from BERT's training mode) scores the candidates
+    with every dropout layer off, gradients still flowing: on the default run dropout moved
+    log p(y | z, x) by 0.157 nats/token for a fixed (x, z), against a genuine spread of 0.044
+    across a query's candidates, and two dropout draws gave retriever gradients with cosine
+    0.24 / 0.16 (DESIGN.md 1b). The retriever's gradient is the difference between candidates,
+    so noise common to one pass is harmless but noise per candidate swamps it.
     """
 
     def __init__(
@@ -153,16 +96,42 @@ class Pretrainer:
         loss_form: str = "per_token",
         null_block: bool = True,
         exclude_source: bool = True,
+        dropout: bool = False,
+        null_bias: bool = True,
     ):
         if top_k < 2:
             raise ValueError("pretrain.top_k counts the null block, so it must be at least 2")
         if len(store) < top_k:
             raise ValueError(f"pretrain.top_k={top_k} needs at least {top_k} blocks (null block + {top_k - 1} retrieved, source excluded); the corpus has {len(store)}")
         self.retriever, self.encoder, self.store = retriever.to(device), encoder.to(device), store
+        self.null = NullScore().to(device)
         self.top_k, self.device, self.embed_batch_size, self.loss_form = top_k, device, embed_batch_size, loss_form
-        self.null_block, self.exclude_source = null_block, exclude_source
+        self.null_block, self.exclude_source, self.dropout = null_block, exclude_source, dropout
+        self.null_bias = null_bias and null_block
         self.index: DenseIndex | None = None
         self.index_snapshot_step = 0  # the step whose parameters embedded the blocks of self.index
+
+    @classmethod
+    def from_params(cls, retriever: Retriever, encoder: KnowledgeAugmentedEncoder, store: BlockStore, c: PretrainParams, device: torch.device) -> "Pretrainer":
+        return cls(retriever, encoder, store, top_k=c.top_k, device=device, embed_batch_size=c.embed_batch_size, loss_form=c.loss_form,
+                   null_block=c.null_block, exclude_source=c.exclude_source, dropout=c.dropout, null_bias=c.null_bias)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"retriever": self.retriever, "encoder": self.encoder, "null": self.null}
+
+    def parts(self, c: PretrainParams) -> dict[str, Part]:
+        """One parameter group per part at its own learning rate (realm_core/optim.py); lr 0 freezes it."""
+        return {
+            "query": Part.of(self.retriever.query, c.query_lr),
+            "doc": Part.of(self.retriever.doc, c.doc_lr),  # dropped as a duplicate when the towers are shared
+            "encoder": Part.of(self.encoder, c.lr),
+            "null_bias": Part.of(self.null, c.null_bias_lr if self.null_bias else 0.0),
+        }
+
+    def train(self) -> None:
+        """Training mode, with dropout only if asked for (see the class docstring)."""
+        for module in self.modules().values():
+            module.train(self.dropout)
 
     def set_index(self, index: DenseIndex, snapshot_step: int) -> None:
         self.index, self.index_snapshot_step = index, snapshot_step
@@ -191,31 +160,40 @@ class Pretrainer:
         count = (lambda qs: sum(len(q.targets) for q in qs)) if self.loss_form == "per_token" else len
         return distributed.shard_weight(count(local), count(batch))
 
-    def forward(self, batch: list[MaskedQuery]) -> dict[str, torch.Tensor]:
-        store, dev = self.store, self.device
-        q = self.retriever.query(**query_batch(store, [b.input_ids for b in batch], dev))  # [B, d]
+    def retrieval_logits(self, batch: list[MaskedQuery]) -> tuple[torch.Tensor, list[list[int | None]]]:
+        """f(x, z) [B, k] over the candidates, both towers live (section 3.3), and the candidates."""
+        q = self.retriever.query(**query_batch(self.store, [b.input_ids for b in batch], self.device))  # [B, d]
         cands = self.candidates(q, batch)  # B x k
-        flat = [z for row in cands for z in row]
-        docs = [store.doc_sequence(z) for z in flat]
-        d = self.retriever.doc(**pad_batch([s[0] for s in docs], [s[1] for s in docs], store.tokenizer.pad_token_id, dev))
+        d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row], self.device))  # [B*k, d]
         logits = self.retriever.score(q, d.view(len(batch), self.top_k, -1))  # [B, k]
-        pairs = [store.pair_sequence(b.input_ids, z) for b, row in zip(batch, cands) for z in row]
-        inputs = pad_batch([p[0] for p in pairs], [p[1] for p in pairs], store.tokenizer.pad_token_id, dev)
-        m = max(len(b.mask_positions) for b in batch)
-        positions = torch.zeros(len(batch), m, dtype=torch.long)
-        targets = torch.zeros(len(batch), m, dtype=torch.long)
-        token_mask = torch.zeros(len(batch), m)
-        for i, b in enumerate(batch):
-            positions[i, : len(b.mask_positions)] = torch.tensor(b.mask_positions)
-            targets[i, : len(b.targets)] = torch.tensor(b.targets)
-            token_mask[i, : len(b.targets)] = 1
-        rep = lambda t: t.repeat_interleave(self.top_k, 0).to(dev)  # noqa: E731  [B*k, M]
-        logp = self.encoder.token_log_probs(**inputs, mask_positions=rep(positions), targets=rep(targets)).view(len(batch), self.top_k, m)
-        token_mask = token_mask.to(dev)
-        out = {"loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form), "candidates": cands}
-        if self.null_block:  # both are defined against the null block (candidate 0)
+        return (self.null(logits) if self.null_block else logits), cands
+
+    @torch.no_grad()
+    def calibrate_null_bias(self, batch: list[MaskedQuery]) -> float:
+        """Set the null bias so the median query scores the null block like its average retrieved block
+        (dropout off, so the calibration does not depend on a dropout draw)."""
+        modes = {name: m.training for name, m in self.modules().items()}
+        for m in self.modules().values():
+            m.eval()
+        self.null.bias.zero_()
+        logits, _ = self.retrieval_logits(batch)  # [B, k]
+        gap = logits[:, 1:].mean(1) - logits[:, NULL_BLOCK]
+        self.null.bias.fill_(float(gap.median()))
+        for name, m in self.modules().items():
+            m.train(modes[name])
+        return float(self.null.bias)
+
+    def forward(self, batch: list[MaskedQuery]) -> dict[str, torch.Tensor]:
+        logits, cands = self.retrieval_logits(batch)  # [B, k]
+        enc = encoder_inputs(self.store, batch, cands, self.device)
+        token_mask = enc.pop("token_mask")  # [B, M]
+        logp = self.encoder.token_log_probs(**enc).view(len(batch), self.top_k, -1)  # [B, k, M]
+        out = {"loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form), "candidates": cands,
+               "logits": logits, "token_log_probs": logp, "token_mask": token_mask}
+        if self.null_block:  # all three are defined against the null block (candidate 0)
             out["retrieval_utility"] = retrieval_utility(logits.detach(), logp.detach(), token_mask)
-            out["null_prob"] = logits.detach().softmax(-1)[:, 0].mean()
+            out["retrieval_utility_per_token"] = retrieval_utility(logits.detach(), logp.detach(), token_mask, per_token=True)
+            out["null_prob"] = logits.detach().softmax(-1)[:, NULL_BLOCK].mean()
         return out
 
 
@@ -266,29 +244,37 @@ class BestByUtility:
         self.best = float("-inf") if state["best"] is None else state["best"]
 
 
+DIAGNOSTICS = ("retrieval_utility", "retrieval_utility_per_token", "null_prob")
+
+
+def last_quarter(values: list[float]) -> float:
+    return float(np.mean(values[-max(1, len(values) // 4) :]))
+
+
 def pretrain(
     trainer: Pretrainer,
     queries: list[MaskedQuery],
+    c: PretrainParams,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
     refresher: Refresher,
     seed: int,
     log: StepLogger = null_logger,
-    best_window: int = 10,
     on_best: Callable[[int, float], None] | None = None,
     checkpoint: Checkpointer | None = None,
     on_index: Callable[[DenseIndex], dict[str, float]] | None = None,
+    probe: Probe | None = None,
 ) -> dict[str, float]:
-    """Train both towers and the encoder; returns summary metrics of the run.
+    """Train both towers and the encoder for `c.steps` steps; returns summary metrics of the run.
 
-    `on_index(index)` runs on rank 0 whenever a new index comes into use (e.g. the zero-shot
-    recall@5 of held-out questions, so quality can be followed refresh by refresh); the metrics
-    it returns are logged with the refresh's.
+    Each part has its own learning rate, clip and gradient norm (`grad_norm_query`, `_doc`,
+    `_encoder`, `_null_bias`; realm_core/optim.py). Every step logs the loss, the retrieval
+    utility (total and per masked token, section 4.5), the mean p(null | x) and the index's
+    staleness. The probe's `evidence_gain` (reading.py) is logged at the start, with every new
+    index and at the end; `on_index(index)` runs on rank 0 whenever a new index comes into use
+    (e.g. zero-shot recall@5 of held-out questions, so quality can be followed refresh by refresh).
 
     `refresher` keeps the index fresh (SyncRefresher or AsyncRefresher); `on_best(step, ru)` is
-    called whenever a window of `best_window` steps has the best mean retrieval utility so far.
+    called whenever a window of `c.best_window` steps has the best mean retrieval utility so far.
     With `checkpoint`, training resumes from its newest checkpoint. The index is then rebuilt
     from the restored document embedder; in sync mode with `checkpoint_every` a multiple of
     `refresh_every`, that is the index an uninterrupted run uses there, so the result is the same.
@@ -296,31 +282,41 @@ def pretrain(
     from the index rank 0 built (refresh.make_refresher shares it); only rank 0 logs and saves.
     """
     if not queries:
-        raise ValueError("no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces")
+        raise ValueError("no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces "
+                         "(with query_filter=answer_elsewhere: none whose span occurs in another block)")
     rng = random.Random(seed)
-    params = list(trainer.retriever.parameters()) + list(trainer.encoder.parameters())
-    optimizer, schedule = adamw_with_warmup(params, lr, steps)
-    trainer.retriever.train()
-    trainer.encoder.train()
-    best = BestByUtility(best_window, on_best if distributed.is_master() else None)
-    batch_size = distributed.global_batch_size(batch_size, len(queries))
+    opt = GroupedAdamW(trainer.parts(c), c.steps, weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, clip_norm=c.clip_norm)
+    trainer.train()
+    best = BestByUtility(c.best_window, on_best if distributed.is_master() else None)
+    batch_size = distributed.global_batch_size(c.batch_size, len(queries))
     log = distributed.master_only(log)
-    recent_ru: list[float] = []
-    state = TrainState({"retriever": trainer.retriever, "encoder": trainer.encoder}, optimizer, schedule, {"batches": rng})
+    history: dict[str, list[float]] = {}
+    gains: list[float] = []
+    state = TrainState(trainer.modules(), opt.optimizer, opt.schedule, {"batches": rng})
     start = checkpoint.restore(state) if checkpoint else 0
     try:
         if start:
             best.load(checkpoint.extra["best"])
-            recent_ru = list(checkpoint.extra["recent_ru"])
+            history = {k: list(v) for k, v in checkpoint.extra["history"].items()}
+            gains = list(checkpoint.extra["evidence_gains"])
+
+        def evidence_gain(step: int) -> dict[str, float]:
+            if probe is None or not len(probe) or not distributed.is_master():
+                return {}
+            gains.append(probe.evidence_gain(trainer.encoder, trainer.store, trainer.device))
+            return {"evidence_gain": gains[-1]}
 
         def use_index(index: DenseIndex, step: int) -> None:
             trainer.set_index(index, refresher.records[-1].snapshot_step)
             extra = on_index(index) if on_index is not None and distributed.is_master() else {}
-            log({**refresh_metrics(refresher.records[-1]), **extra}, step)
+            log({**refresh_metrics(refresher.records[-1]), **extra, **evidence_gain(step)}, step)
 
         use_index(refresher.initial(trainer.retriever.doc, start, checkpoint.extra.get("refreshes") if start else None), start)
-        loss_fn = distributed.data_parallel(trainer.forward, trainer.retriever, trainer.encoder)
-        for step in trange(start, steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+        if start == 0 and trainer.null_bias:
+            bias = trainer.calibrate_null_bias(random.Random(seed + 1).sample(queries, batch_size))
+            log({"null_bias_init": bias}, 0)
+        loss_fn = distributed.data_parallel(trainer.forward, *trainer.modules().values())
+        for step in trange(start, c.steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()):
             new_index = refresher.step(trainer.retriever.doc, step)
             if new_index is not None:
                 use_index(new_index, step)
@@ -328,27 +324,33 @@ def pretrain(
             local = distributed.shard(batch)
             out = loss_fn(local)
             loss = out["loss"] * trainer.shard_weight(local, batch)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            row = {"loss": loss, "index_staleness": step - trainer.index_snapshot_step}
-            row = distributed.average({**row, **{k: out[k] for k in ("retrieval_utility", "null_prob") if k in out}})
+            norms = opt.step()
+            row = {"loss": loss, "index_staleness": step - trainer.index_snapshot_step, "lr_encoder": opt.lr("encoder"), "lr_query": opt.lr("query"), **norms}
+            row = distributed.average({**row, **{k: out[k] for k in DIAGNOSTICS if k in out}, "null_bias": trainer.null.bias.detach()})
+            for k, v in row.items():
+                history.setdefault(k, []).append(v)
             if "retrieval_utility" in row:
-                recent_ru.append(row["retrieval_utility"])
                 window_mean = best.add(row["retrieval_utility"], step)
                 if window_mean is not None:
                     row["retrieval_utility_window"] = window_mean
             log(row, step)
             if checkpoint:
-                checkpoint.maybe_save(step + 1, state, final=step + 1 == steps, extra={"best": best.state(), "recent_ru": recent_ru, "refreshes": refresher.log()})
+                checkpoint.maybe_save(step + 1, state, final=step + 1 == c.steps,
+                                      extra={"best": best.state(), "history": history, "evidence_gains": gains, "refreshes": refresher.log()})
         distributed.barrier()  # rank 0's last on_best has written its files
     finally:
         refresher.close()
+    final_gain = evidence_gain(c.steps)
+    if final_gain:
+        log(final_gain, c.steps)
     summary = {**refresh_summary(refresher.records), "queries": float(len(queries))}
-    if recent_ru:
-        summary["retrieval_utility_last_quarter"] = float(np.mean(recent_ru[-max(1, len(recent_ru) // 4) :]))
+    for k in (*DIAGNOSTICS, "grad_norm_query", "grad_norm_doc", "grad_norm_encoder", "null_bias"):
+        if history.get(k):
+            summary[f"{k}_last_quarter"] = last_quarter(history[k])
+    if gains:
+        summary.update(evidence_gain_start=gains[0], evidence_gain=gains[-1])
     if best.best_step >= 0:
         summary.update(best_retrieval_utility=best.best, best_step=float(best.best_step))
     return summary

@@ -45,7 +45,8 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.paths import Paths
-from realm_core.pretrain import Pretrainer, make_queries, pretrain
+from realm_core.pretrain import Pretrainer, pretrain
+from realm_core.reading import pretraining_queries, warmup_encoder
 from realm_core.refresh import make_refresher
 
 
@@ -126,9 +127,37 @@ def warmup_mlm_head_task(params: Params, paths: Paths, out_dir: Path, log: StepL
     return out_dir / "encoder"
 
 
+@task(cache_policy=NO_CACHE)
+def warmup_encoder_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) -> dict[str, float]:
+    """Teaches the whole encoder to read answer-bearing blocks (realm_core/reading.py); overwrites out_dir/encoder.
+
+    Warns when the probe's evidence gain stays below `encoder_warmup.min_evidence_gain`: the
+    retriever's gradient in pre-training is then mostly noise (REALM section 3.4).
+    """
+    seed_everything(params.seed)
+    store = load_store(params, paths)
+    device = resolve_device(params.device)
+    encoder = load_encoder(out_dir / "encoder")
+    q = pretraining_queries(store, params.pretrain, params.model.max_query_tokens, params.seed)
+    c = params.encoder_warmup
+    run_logger().info("encoder warm-up: %d salient queries (%d with an answer-bearing block elsewhere), probe of %d held-out queries, %d steps",
+                      len(q.salient), sum(bool(e) for e in q.salient_evidence), len(q.probe), c.steps)
+    ckpt = stage_checkpointer(params, paths, "ict", "encoder", log)
+    summary = warmup_encoder(encoder, store, q.salient, q.salient_evidence, c, seed=params.seed, device=device, log=log, checkpoint=ckpt, probe=q.probe)
+    log_resume(ckpt, "encoder warm-up")
+    gain = summary.get("evidence_gain")
+    if gain is not None:
+        passed = gain >= c.min_evidence_gain
+        summary["evidence_gain_gate_passed"] = float(passed)
+        (run_logger().info if passed else run_logger().warning)(
+            "evidence gain on the probe: %.3f nats/token (gate %.2f: %s)", gain, c.min_evidence_gain, "passed" if passed else "NOT passed; the retriever will train on noise")
+    save_encoder(encoder.cpu(), out_dir / "encoder")
+    return summary
+
+
 def new_retriever(params: Params) -> Retriever:
     m = params.model
-    return Retriever.from_backbone(backbone_dir(m.backbone), m.num_hidden_layers, m.retriever_dim, m.pooling)
+    return Retriever.from_backbone(backbone_dir(m.backbone), m.num_hidden_layers, m.retriever_dim, m.pooling, shared=m.share_embedders)
 
 
 def initial_retriever(params: Params, paths: Paths) -> Retriever:
@@ -147,19 +176,10 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     store = load_store(params, paths)
     device = resolve_device(params.device)
     c = params.pretrain
-    queries = make_queries(store, c.masking, params.model.max_query_tokens, c.max_masks, params.seed)
-    run_logger().info("%d %s-masking queries over %d blocks; %s index refresh every %d steps", len(queries), c.masking, len(store), c.refresh_mode, c.refresh_every)
-    trainer = Pretrainer(
-        initial_retriever(params, paths),
-        load_encoder(paths.ict / "encoder"),
-        store,
-        top_k=c.top_k,
-        device=device,
-        embed_batch_size=c.embed_batch_size,
-        loss_form=c.loss_form,
-        null_block=c.null_block,
-        exclude_source=c.exclude_source,
-    )
+    q = pretraining_queries(store, c, params.model.max_query_tokens, params.seed)
+    run_logger().info("%d of %d %s-masking queries kept (query_filter=%s), probe of %d held-out queries, over %d blocks; %s index refresh every %d steps",
+                      len(q.train), int(q.stats["queries_before_filter"]), c.masking, c.query_filter, len(q.probe), len(store), c.refresh_mode, c.refresh_every)
+    trainer = Pretrainer.from_params(initial_retriever(params, paths), load_encoder(paths.ict / "encoder"), store, c, device)
     refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh", max_staleness=c.max_staleness, threads=c.refresh_threads)
 
     best_dir = paths.scratch("pretrain") / "best"  # beside the checkpoints, so a resumed run keeps it
@@ -178,7 +198,8 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
         return {f"dev_{k.replace('@', '_at_')}": v for k, v in recall.items()}  # MLflow names cannot hold "@"
 
     ckpt = stage_checkpointer(params, paths, "pretrain", "trainer", log)
-    summary = pretrain(trainer, queries, steps=c.steps, batch_size=c.batch_size, lr=c.lr, refresher=refresher, seed=params.seed, log=log, best_window=c.best_window, on_best=save_best, checkpoint=ckpt, on_index=dev_recall)
+    summary = pretrain(trainer, q.train, c, refresher=refresher, seed=params.seed, log=log, on_best=save_best, checkpoint=ckpt, on_index=dev_recall, probe=q.probe)
+    summary.update({k: v for k, v in q.stats.items() if k != "queries"})
     log_resume(ckpt, "pre-training")
     if best_dir.exists():
         shutil.copytree(best_dir, out_dir / "best")

@@ -29,6 +29,7 @@ from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, SpanReader, load_tokenizer
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
+from realm_core.config import PretrainParams
 from realm_core.refresh import SyncRefresher
 
 CPU = torch.device("cpu")
@@ -69,7 +70,7 @@ def run(stage: str, workdir: Path, every: int, delay: float = 0.0, steps: int = 
     elif stage == "pretrain":  # sync refresh every 4 steps: a resume at a checkpoint (every 4) rebuilds the same index
         encoder = KnowledgeAugmentedEncoder.from_backbone(workdir / "bert", None)
         trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
-        summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=steps, batch_size=2, lr=1e-3, refresher=SyncRefresher(store, CPU, 8, refresh_every=4), seed=SEED, log=log, best_window=3, checkpoint=ckpt)
+        summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=steps, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3), refresher=SyncRefresher(store, CPU, 8, refresh_every=4), seed=SEED, log=log, checkpoint=ckpt)
         modules = {"retriever": retriever, "encoder": encoder}
     else:
         reader = SpanReader(KnowledgeAugmentedEncoder.from_backbone(workdir / "bert", None).bert, hidden=16)

@@ -9,6 +9,7 @@ import torch
 from realm_core.config import Params
 from realm_core.io import InputError
 from realm_core.pretrain import Pretrainer, make_queries, pretrain, random_span_queries, random_token_queries, salient_span_queries
+from realm_core.config import PretrainParams
 from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
@@ -62,7 +63,7 @@ def test_without_the_null_block_all_k_candidates_are_retrieved_blocks_and_no_uti
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, null_block=False)
     queries = salient_span_queries(store, 32, 10)
     logged = []
-    summary = pretrain(trainer, queries, steps=2, batch_size=2, lr=1e-3, refresher=SyncRefresher(store, CPU, 64, refresh_every=0), seed=0, log=lambda m, s: logged.append(m))
+    summary = pretrain(trainer, queries, PretrainParams(steps=2, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=0), seed=0, log=lambda m, s: logged.append(m))
     out = trainer.forward(queries[:3])
     assert all(None not in c and len(c) == 3 and len(set(c)) == 3 for c in out["candidates"])
     assert "retrieval_utility" not in out and "null_prob" not in out

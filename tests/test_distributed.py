@@ -41,6 +41,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
+from realm_core.config import PretrainParams
 from realm_core.refresh import SharedRefresher, make_refresher
 from tests.tiny import make_tiny_bert, write_blocks
 
@@ -114,7 +115,7 @@ def _train_all(root: Path, out: Path) -> None:
 
     trainer = Pretrainer(load_retriever(root / "init" / "retriever").double(), load_encoder(root / "init" / "encoder").double(), store, top_k=3, device=CPU)
     refresher = make_refresher(1, "sync", store, CPU, 8, work_dir=out / "refresh")
-    pretrain(trainer, salient_span_queries(store, 32, 10), steps=2, batch_size=4, lr=1e-3, refresher=refresher, seed=PRETRAIN_SEED, log=logger("pretrain", "loss"), best_window=1)
+    pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=2, batch_size=4, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=1), refresher=refresher, seed=PRETRAIN_SEED, log=logger("pretrain", "loss"))
     shared = isinstance(refresher, SharedRefresher)
 
     init = load_retriever(root / "init" / "retriever")

@@ -25,6 +25,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries, select_candidates
+from realm_core.config import PretrainParams
 from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
@@ -155,7 +156,7 @@ def test_pretrain_refreshes_the_index_on_schedule(tiny, models):
     retriever, encoder = models
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=5, batch_size=2, lr=1e-3, refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0, log=lambda m, s: logged.append((s, m)))
+    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0, log=lambda m, s: logged.append((s, m)))
     assert summary["refreshes"] == 2  # at steps 2 and 4
     staleness = [m["index_staleness"] for s, m in logged if "index_staleness" in m]
     assert staleness == [0, 1, 0, 1, 0]

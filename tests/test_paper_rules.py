@@ -20,12 +20,14 @@ QUESTIONS = [
 
 
 def test_null_block_inputs_are_empty_and_its_score_is_learned_and_query_dependent(tiny, models):
-    """Section 3.4: z = null is `[CLS] [SEP] [SEP]` for the retriever and `[CLS] x [SEP] [SEP]` for the encoder."""
+    """Section 3.4: z = null is `[CLS] [SEP] [SEP]` for the retriever and `[CLS] x [SEP] [SEP]` for the encoder.
+
+    Its segments follow the block rule `[CLS] title [SEP]` = 0, `body [SEP]` = 1 with both empty: [0, 0, 1]."""
     _, store = tiny
     retriever, _ = models
     tok = store.tokenizer
     ids, segments = store.doc_sequence(None)
-    assert ids == [tok.cls_token_id, tok.sep_token_id, tok.sep_token_id] and segments == [0, 1, 1]
+    assert ids == [tok.cls_token_id, tok.sep_token_id, tok.sep_token_id] and segments == [0, 0, 1]
     x = store.query_ids("Mozart lived in Vienna.", 32)
     pair, _, body_start = store.pair_sequence(x, None)
     assert pair == [*x, tok.sep_token_id] and body_start == len(x)  # [CLS] x [SEP] [SEP]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from realm_core.pretrain import BestByUtility, Pretrainer, pretrain, salient_span_queries
+from realm_core.config import PretrainParams
 from realm_core.refresh import AsyncRefresher, SyncRefresher, build_index, make_refresher
 from tests.conftest import CPU
 
@@ -64,7 +65,7 @@ def test_pretrain_with_the_async_refresher_swaps_indexes_and_records_staleness(t
     refresher = make_refresher(3, "async", store, CPU, 4, work_dir=tmp_path / "refresh", max_staleness=2)
     assert isinstance(refresher, AsyncRefresher)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=10, batch_size=2, lr=1e-3, refresher=refresher, seed=0, log=lambda m, s: logged.append((s, m)))
+    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=refresher, seed=0, log=lambda m, s: logged.append((s, m)))
     later = refresher.records[1:]
     assert summary["refreshes"] == len(later) >= 2  # snapshots at steps 3 and >= 6, each in use within 2 steps
     assert all(r.snapshot_step % 3 == 0 and 0 <= r.staleness <= 2 for r in later)
@@ -155,8 +156,8 @@ def _pretrain_run(tiny, tmp_path, crash_at: int | None = None):
                 raise _Crash
 
     refresher = SyncRefresher(store, CPU, 4, refresh_every=4)
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), steps=12, batch_size=2, lr=1e-3, refresher=refresher, seed=0, log=log,
-                       best_window=3, checkpoint=Checkpointer(tmp_path / "ckpt", 4, "tiny"))
+    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=12, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3), refresher=refresher, seed=0, log=log,
+                       checkpoint=Checkpointer(tmp_path / "ckpt", 4, "tiny"))
     return trainer, losses, summary, refresher
 
 
@@ -182,7 +183,7 @@ def test_on_index_metrics_are_logged_with_every_index_that_comes_into_use(tiny, 
 
     _, store = tiny
     retriever, encoder = models
-    trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
+    trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, dropout=True)  # training mode = dropout on
     dev = [Question("[MASK] is the capital of France.", ["Paris"]), Question("Mozart lived in [MASK].", ["Vienna"])]
     seen = []
 
@@ -194,7 +195,7 @@ def test_on_index_metrics_are_logged_with_every_index_that_comes_into_use(tiny, 
         return {f"dev_{k}": v for k, v in out.items()}
 
     logged = []
-    pretrain(trainer, salient_span_queries(store, 32, 10), steps=5, batch_size=2, lr=1e-3, refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0,
+    pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0,
              log=lambda m, s: logged.append((s, m)), on_index=on_index)
     rows = [(s, m) for s, m in logged if "refresh_snapshot_step" in m]
     assert [s for s, _ in rows] == [0, 2, 4] and len(seen) == 3

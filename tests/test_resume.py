@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from realm_core.checkpoint import Checkpointer, TrainState, fingerprint, latest_checkpoint, list_checkpoints, resume_points
 from realm_core.io import InputError, atomic_dir
-from realm_core.modeling import KnowledgeAugmentedEncoder, adamw_with_warmup
+from realm_core.modeling import KnowledgeAugmentedEncoder
+from realm_core.optim import GroupedAdamW, Part
 from tests import resume_runner
 from tests.tiny import make_tiny_bert, write_blocks
 
@@ -149,8 +150,8 @@ def test_a_killed_stage_leaves_its_previous_output_intact_and_the_rerun_replaces
 def _toy_state(seed: int = 0) -> TrainState:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
-    optimizer, schedule = adamw_with_warmup(model.parameters(), 1e-2, 12)
-    return TrainState({"toy": model}, optimizer, schedule, {"batches": random.Random(seed), "noise": torch.Generator().manual_seed(seed)})
+    opt = GroupedAdamW({"toy": Part.of(model, 1e-2)}, 12)
+    return TrainState({"toy": model}, opt.optimizer, opt.schedule, {"batches": random.Random(seed), "noise": torch.Generator().manual_seed(seed)})
 
 
 def _toy_train(state: TrainState, ckpt: Checkpointer | None, steps: int = 12, crash_at: int | None = None) -> list[float]:
