@@ -30,6 +30,13 @@ VARIANTS: dict[str, list[str]] = {
     "stale_index": ["pretrain.refresh_every=0"],
     "no_ict_warm_start": ["pretrain.retriever_init=bert"],
     "product_loss": ["pretrain.loss_form=product"],
+    # the departures that make REALM learn here (DESIGN.md 1b), each switched back to the paper's choice
+    "no_copy_head": ["model.copy_head=false"],
+    "no_encoder_warmup": ["encoder_warmup.steps=0"],
+    "dropout_on": ["pretrain.dropout=true"],
+    "no_null_bias": ["pretrain.null_bias=false"],
+    "all_queries": ["pretrain.query_filter=all"],
+    "shared_embedders": ["model.share_embedders=true"],
 }
 COLUMNS = ("exact_match", "zero_shot_recall_at_5", "realm_recall_at_5", "bm25_recall_at_5")
 

@@ -24,6 +24,7 @@ class ModelParams(_Section):
     retriever_dim: int = Field(128, ge=1, description="REALM section 3.2: d = 128")
     pooling: Literal["cls", "mean"] = Field("mean", description="cls = REALM's pooled [CLS]; mean = MiniLM's own pooling")
     max_query_tokens: int = Field(48, ge=8)
+    copy_head: bool = Field(True, description="the encoder points at the block's wordpieces as well as predicting from the vocabulary (departure)")
     share_embedders: bool = Field(False, description="one BERT tower for queries and blocks (REALM code's share_embedders)")
 
 
@@ -54,9 +55,9 @@ class EncoderWarmupParams(_Section):
     (realm_core/reading.py). A departure from the paper, which starts from a BERT MLM checkpoint
     that already reads its context (section 3.4); ours has a new MLM head and no such skill."""
 
-    steps: int = Field(300, ge=0, description="0 = no warm-up (the 'encoder never warmed' ablation)")
+    steps: int = Field(100, ge=0, description="0 = no warm-up (the 'encoder never warmed' ablation)")
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-4, gt=0, description="the whole encoder, BERT-style AdamW with warm-up and linear decay")
+    lr: float = Field(3e-4, gt=0, description="the whole encoder, BERT-style AdamW with warm-up and linear decay")
     evidence_prob: float = Field(0.8, ge=0.0, le=1.0, description="share of examples read with evidence (an answer-bearing block); the rest with the null or a random block")
     source_prob: float = Field(0.3, ge=0.0, le=1.0, description="share of the evidence examples that read their own source block, the sentence kept (a verbatim copy task); the rest a non-source answer-bearing block")
     min_evidence_gain: float = Field(1.0, description="gate: the probe's evidence gain (nats/token) expected before pre-training; below it the stage warns")

@@ -157,18 +157,59 @@ class Retriever(nn.Module):
 # ---------------------------------------------------------------------------- knowledge-augmented encoder
 
 
+class CopyHead(nn.Module):
+    """Reading made learnable: a pointer over the block's wordpieces mixed into the MLM softmax.
+
+        p(y_j | z, x) = (1 - g_j) p_vocab(y_j | z, x) + g_j sum_{i in body(z), t_i = y_j} a_ji
+        a_j = softmax_i (W_q h_j) . (W_k h_i) / sqrt(h)     g_j = sigmoid(w . h_j)
+
+    over the body positions i of `[CLS] x [SEP] body(z) [SEP]` (pointer-generator networks, See
+    et al. 2017). A departure from the paper (switch `model.copy_head`): REALM's encoder is a
+    BERT MLM checkpoint that already reads its context through self-attention (section 3.4).
+    Ours has a new MLM head on a 2-layer sentence encoder, which learns to copy from its context
+    only slowly (DESIGN.md 1b); with the pointer, copying a span out of the block is one bilinear
+    match away. With the null block (no body) the pointer is off and p = p_vocab.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, 1)
+
+    def pointer(self, gathered: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """a [N, M, L] (0 off the body; all 0 without a body), log g and log (1 - g) [N, M] (g = 0 without a body).
+
+        Masks are finite and the copy mass a sum of probabilities, not a logsumexp over -inf:
+        both keep the backward pass free of NaN when a row has no body or no matching wordpiece.
+        """
+        scores = torch.einsum("nmh,nlh->nml", self.query(gathered), self.key(hidden)) / hidden.size(-1) ** 0.5  # [N, M, L]
+        a = scores.masked_fill(~context[:, None, :], -1e4).softmax(-1) * context[:, None, :]
+        has = context.any(-1)[:, None]  # [N, 1]
+        gate = self.gate(gathered).squeeze(-1)  # [N, M]
+        log_g = torch.where(has, F.logsigmoid(gate), torch.full_like(gate, float("-inf")))
+        log_1mg = torch.where(has, F.logsigmoid(-gate), torch.zeros_like(gate))
+        return a, log_g, log_1mg
+
+    @staticmethod
+    def mix(logp_vocab: torch.Tensor, copy: torch.Tensor, log_g: torch.Tensor, log_1mg: torch.Tensor) -> torch.Tensor:
+        """log((1 - g) p_vocab + g p_copy), shapes broadcast; p_copy may be 0."""
+        return torch.logaddexp(log_1mg + logp_vocab, log_g + copy.clamp(min=1e-30).log())
+
+
 class KnowledgeAugmentedEncoder(nn.Module):
     """p(y_j | z, x): BERT masked-LM over `[CLS] masked x [SEP] body(z) [SEP]` (section 3.2).
 
-    The MLM decoder is tied to the word embeddings, as in BERT.
+    The MLM decoder is tied to the word embeddings, as in BERT. `copy=True` adds the CopyHead.
     """
 
-    def __init__(self, mlm: BertForMaskedLM):
+    def __init__(self, mlm: BertForMaskedLM, copy: bool = False):
         super().__init__()
         self.mlm = mlm
+        self.copy = CopyHead(mlm.config.hidden_size) if copy else None
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None) -> "KnowledgeAugmentedEncoder":
+    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, copy: bool = False) -> "KnowledgeAugmentedEncoder":
         """Backbones without an MLM head (all-MiniLM-L6-v2 ships a bare BertModel) get a new one:
         its transform is freshly initialised and its decoder is tied to the word embeddings;
         `realm_core.ict.warmup_mlm_head` trains it, then `realm_core.reading.warmup_encoder`
@@ -179,11 +220,22 @@ class KnowledgeAugmentedEncoder(nn.Module):
         except _CHECKPOINT_ERRORS as exc:
             raise _bad_backbone(Path(directory), exc) from None
         mlm.tie_weights()
-        return cls(mlm)
+        return cls(mlm, copy)
 
     @property
     def bert(self) -> BertModel:
         return self.mlm.bert
+
+    def _read(self, input_ids, attention_mask, token_type_ids, mask_positions) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state  # [N, L, h]
+        gathered = hidden.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N, M, h]
+        return hidden, gathered
+
+    def _pointer(self, hidden, gathered, input_ids, attention_mask, token_type_ids):
+        # body(z): segment 1 without its closing [SEP], the last attended position (inputs are right-padded)
+        last = attention_mask.sum(-1, keepdim=True) - 1  # [N, 1]
+        context = (token_type_ids == 1) & (attention_mask == 1) & (torch.arange(input_ids.size(1), device=input_ids.device) != last)
+        return self.copy.pointer(gathered, hidden, context)
 
     def token_log_probs(
         self,
@@ -194,14 +246,23 @@ class KnowledgeAugmentedEncoder(nn.Module):
         targets: torch.Tensor,  # [N, M] original token ids at those positions
     ) -> torch.Tensor:
         """log p(y_j | z, x) for every masked token j: [N, M]. Only masked rows reach the vocab layer."""
-        logits = self.masked_logits(input_ids, attention_mask, token_type_ids, mask_positions)  # [N, M, V]
-        return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, M]
+        hidden, gathered = self._read(input_ids, attention_mask, token_type_ids, mask_positions)
+        logp = self.mlm.cls(gathered).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, M]
+        if self.copy is None:
+            return logp
+        a, log_g, log_1mg = self._pointer(hidden, gathered, input_ids, attention_mask, token_type_ids)
+        hit = input_ids[:, None, :] == targets[:, :, None]  # [N, M, L]: body wordpieces equal to the target
+        return self.copy.mix(logp, (a * hit).sum(-1), log_g, log_1mg)  # [N, M]
 
-    def masked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, mask_positions: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at the masked positions: [N, M, V]."""
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-        gathered = hidden.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N, M, h]
-        return self.mlm.cls(gathered)  # [N, M, V]
+    def masked_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, mask_positions: torch.Tensor) -> torch.Tensor:
+        """log p(y | z, x) over the whole vocabulary at the masked positions: [N, M, V]."""
+        hidden, gathered = self._read(input_ids, attention_mask, token_type_ids, mask_positions)
+        logp = self.mlm.cls(gathered).log_softmax(-1)  # [N, M, V]
+        if self.copy is None:
+            return logp
+        a, log_g, log_1mg = self._pointer(hidden, gathered, input_ids, attention_mask, token_type_ids)
+        copy = torch.zeros_like(logp).scatter_add_(-1, input_ids[:, None, :].expand_as(a), a)  # [N, M, V]
+        return self.copy.mix(logp, copy, log_g[..., None], log_1mg[..., None])
 
 
 def marginal_log_likelihood(
@@ -376,8 +437,8 @@ def load_embedder(directory: Path) -> Embedder:
 
 
 def load_encoder(directory: Path) -> KnowledgeAugmentedEncoder:
-    config, _ = _read_realm_config(directory, "KnowledgeAugmentedEncoder")
-    module = KnowledgeAugmentedEncoder(BertForMaskedLM(config))
+    config, meta = _read_realm_config(directory, "KnowledgeAugmentedEncoder")
+    module = KnowledgeAugmentedEncoder(BertForMaskedLM(config), copy=meta.get("copy", False))
     _load_weights(module, directory)
     module.mlm.tie_weights()
     return module
@@ -395,7 +456,7 @@ def save_embedder(module: Embedder, directory: Path) -> None:
 
 
 def save_encoder(module: KnowledgeAugmentedEncoder, directory: Path) -> None:
-    save_module(module, directory, module.mlm.config)
+    save_module(module, directory, module.mlm.config, {"copy": module.copy is not None})
 
 
 def save_reader(module: SpanReader, directory: Path) -> None:

@@ -15,6 +15,7 @@ gradient is computed for them at all (the "frozen retriever" control of the mech
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -96,8 +97,11 @@ class GroupedAdamW:
         for name, params in self.trained.items():
             with_grad = [p for p in params if p.grad is not None]
             if with_grad:
-                norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm if self.clip_norm > 0 else float("inf"))
-                norms[f"grad_norm_{name}"] = float(norm)
+                norm = float(torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm if self.clip_norm > 0 else float("inf")))
+                if not math.isfinite(norm):  # one NaN step would poison every weight and every later index
+                    raise FloatingPointError(f"non-finite gradient norm ({norm}) in the {name!r} parameters at step {self.schedule.last_epoch}; "
+                                             f"lower its learning rate or look for a NaN in the loss")
+                norms[f"grad_norm_{name}"] = norm
         self.optimizer.step()
         self.schedule.step()
         return norms

@@ -211,7 +211,8 @@ def warmup_encoder(
             measure(step + 1)
         if checkpoint:
             checkpoint.maybe_save(step + 1, state, final=step + 1 == c.steps)
-    measure(c.steps)
+    if c.steps:
+        measure(c.steps)
     summary = {"encoder_warmup_steps": float(c.steps)}
     if gain:
         summary.update(evidence_gain_before_warmup=gain["first"], evidence_gain=gain["last"])
@@ -222,8 +223,8 @@ def _warmup_loss(encoder: KnowledgeAugmentedEncoder, store: BlockStore, queries:
     """Mean MLM cross-entropy over the masked tokens, the argmax hits and the token count."""
     batch = encoder_inputs(store, queries, contexts, device)
     mask = batch.pop("token_mask")  # [B, M]
-    logits = encoder.masked_logits(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])  # [B, M, V]
-    logp = logits.log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)  # [B, M]
+    logits = encoder.masked_log_probs(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])  # [B, M, V]
+    logp = logits.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)  # [B, M]
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
     with torch.no_grad():
         hits = ((logits.argmax(-1) == batch["targets"]).to(mask.dtype) * mask).sum()

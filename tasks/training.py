@@ -118,7 +118,7 @@ def warmup_mlm_head_task(params: Params, paths: Paths, out_dir: Path, log: StepL
     """Creates the encoder's MLM head (tied decoder) and warms it up; saves out_dir/encoder."""
     seed_everything(params.seed)
     store = load_store(params, paths)
-    encoder = KnowledgeAugmentedEncoder.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers)
+    encoder = KnowledgeAugmentedEncoder.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers, copy=params.model.copy_head)
     c = params.ict
     ckpt = stage_checkpointer(params, paths, "ict", "mlm_head", log)
     warmup_mlm_head(encoder, store, steps=c.mlm_warmup_steps, batch_size=c.mlm_batch_size, lr=c.mlm_lr, seed=params.seed, device=resolve_device(params.device), log=log, checkpoint=ckpt)

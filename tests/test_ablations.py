@@ -111,3 +111,21 @@ def test_retriever_init_bert_skips_the_ict_warm_start(tmp_path, tiny):
     assert fresh.query.projection.out_features == 16
     with pytest.raises(InputError, match="ict/retriever"):
         initial_retriever(params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"retriever_init": "ict"})}), Paths(tmp_path))
+
+
+def test_every_ablation_variant_is_a_valid_params_override():
+    """bench/ablations.py's switches, the paper's and our departures, all validate against params.yaml."""
+    import importlib.util
+    from pathlib import Path
+
+    from flows.pipeline import check_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablations", root / "bench" / "ablations.py")
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+    assert {"no_copy_head", "no_encoder_warmup", "dropout_on", "no_null_bias", "all_queries", "shared_embedders"} <= set(ablations.VARIANTS)
+    for overrides in ablations.VARIANTS.values():
+        check_overrides(root / "params.yaml", overrides)
+    with pytest.raises(Exception):
+        check_overrides(root / "params.yaml", ["pretrain.no_such_switch=true"])

@@ -78,6 +78,14 @@ def test_each_part_is_clipped_on_its_own_and_its_norm_reported():
     assert raw_b < 1.0
 
 
+def test_a_non_finite_gradient_stops_training_naming_the_part():
+    a = torch.nn.Linear(2, 2)
+    opt = GroupedAdamW({"towers": Part.of(a, 1e-3)}, steps=3)
+    (a(torch.ones(1, 2)).sum() * float("nan")).backward()
+    with pytest.raises(FloatingPointError, match="towers"):
+        opt.step()
+
+
 def test_a_part_with_learning_rate_zero_is_frozen(models):
     retriever, encoder = models
     before = retriever.doc.projection.weight.detach().clone()
@@ -235,6 +243,73 @@ def test_encoder_warmup_trains_the_whole_encoder_and_logs_the_gain_before_and_af
     assert [s for s, _ in gains] == [0, 3, 6]
     assert summary["evidence_gain_before_warmup"] == gains[0][1] and summary["evidence_gain"] == gains[-1][1]
     assert all("encoder_warmup_loss" in m and "grad_norm_encoder" in m for s, m in logged if "evidence_gain" not in m)
+
+
+# ------------------------------------------------------------------ the copy head
+
+
+@pytest.fixture()
+def copying(tiny):
+    from realm_core.modeling import KnowledgeAugmentedEncoder
+
+    bert, _ = tiny
+    torch.manual_seed(0)
+    return KnowledgeAugmentedEncoder.from_backbone(bert, None, copy=True).eval()
+
+
+def test_copy_head_mixes_a_pointer_over_the_body_into_the_vocabulary_softmax(facts, copying):
+    _, store = facts
+    q = next(q for q in salient_span_queries(store, 32, 10) if q.block_id == 0)
+    batch = encoder_inputs(store, [q], [[0, 3]], CPU)  # its own block (holds the span) and another
+    batch.pop("token_mask")
+    with torch.no_grad():
+        got = copying.token_log_probs(**batch)  # [2, M]
+        hidden, gathered = copying._read(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])
+        vocab = copying.mlm.cls(gathered).softmax(-1)  # [2, M, V]
+        for n in range(2):
+            length = int(batch["attention_mask"][n].sum())
+            body = [i for i in range(length - 1) if batch["token_type_ids"][n, i] == 1]  # without the closing [SEP]
+            for j, target in enumerate(batch["targets"][n].tolist()):
+                scores = torch.stack([copying.copy.query(gathered[n, j]) @ copying.copy.key(hidden[n, i]) for i in body]) / hidden.size(-1) ** 0.5
+                a = scores.softmax(0)
+                g = torch.sigmoid(copying.copy.gate(gathered[n, j]))[0]
+                pointer = sum(float(a[t]) for t, i in enumerate(body) if int(batch["input_ids"][n, i]) == target)
+                brute = float(torch.log((1 - g) * vocab[n, j, target] + g * pointer))
+                assert float(got[n, j]) == pytest.approx(brute, abs=1e-5)
+
+
+def test_copy_head_is_off_for_the_null_block_and_agrees_with_the_full_distribution(facts, copying, tiny):
+    from realm_core.modeling import KnowledgeAugmentedEncoder
+
+    _, store = facts
+    queries = salient_span_queries(store, 32, 10)[:3]
+    batch = encoder_inputs(store, queries, [[None, 1] for _ in queries], CPU)
+    batch.pop("token_mask")
+    with torch.no_grad():
+        got = copying.token_log_probs(**batch).view(3, 2, -1)
+        plain = KnowledgeAugmentedEncoder(copying.mlm).eval().token_log_probs(**batch).view(3, 2, -1)
+        assert torch.allclose(got[:, 0], plain[:, 0], atol=1e-6)  # null block: p = p_vocab
+        full = copying.masked_log_probs(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])
+        assert torch.allclose(full.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1).view(3, 2, -1), got, atol=1e-4)
+        assert torch.allclose(full.exp().sum(-1), torch.ones(full.shape[:2]), atol=1e-4)  # a distribution
+
+
+def test_copy_head_gradients_are_finite_for_null_blocks_and_blocks_without_the_answer(facts, copying):
+    _, store = facts
+    queries = salient_span_queries(store, 32, 10)[:4]
+    batch = encoder_inputs(store, queries, [[None, 5, q.block_id] for q in queries], CPU)  # null, often answer-free, source
+    batch.pop("token_mask")
+    copying.token_log_probs(**batch).sum().backward()
+    grads = [p.grad for p in copying.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_copy_head_survives_a_round_trip(copying, tmp_path):
+    from realm_core.modeling import load_encoder, save_encoder
+
+    save_encoder(copying, tmp_path / "enc")
+    loaded = load_encoder(tmp_path / "enc")
+    assert loaded.copy is not None and torch.equal(loaded.copy.key.weight, copying.copy.key.weight)
 
 
 # ------------------------------------------------------------------ pre-training diagnostics
