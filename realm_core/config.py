@@ -74,8 +74,9 @@ class PretrainParams(_Section):
     warmup_fraction: float = Field(0.1, ge=0, le=1, description="linear warm-up over this share of the steps, then linear decay to 0")
     clip_norm: float = Field(1.0, ge=0, description="each part's gradient norm is clipped on its own; 0 = no clipping")
     dropout: bool = Field(False, description="false = candidates scored with dropout off (eval mode; gradients still flow)")
-    null_bias: bool = Field(True, description="a learned bias on the null block's score, calibrated at step 0 (departure)")
-    query_filter: Literal["all", "answer_elsewhere"] = Field("answer_elsewhere", description="answer_elsewhere = only queries whose span occurs in a non-source block")
+    null_bias: bool = Field(True, description="the null block's score is one learned scalar, calibrated at step 0, instead of f(x, null) (departure)")
+    query_filter: Literal["all", "answer_elsewhere", "answer_near"] = Field(
+        "answer_near", description="answer_elsewhere = only queries whose span occurs in a non-source block; answer_near = in one of its 16 BM25-closest blocks")
     probe_size: int = Field(64, ge=0, description="held-out queries (whole source blocks) whose evidence gain is logged; 0 = none")
     top_k: int = Field(8, ge=2, description="candidates incl. the null block; REALM: 8")
     refresh_every: int = Field(20, ge=0, description="0 = never refresh")
