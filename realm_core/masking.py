@@ -138,24 +138,67 @@ def answer_bearing_blocks(store: BlockStore, queries: list[MaskedQuery], limit: 
     return _rank_by_overlap(store, queries, out, limit)
 
 
-def _rank_by_overlap(store: BlockStore, queries: list[MaskedQuery], found: list[list[int]], limit: int) -> list[list[int]]:
+def _bm25_scores(store: BlockStore, queries: list[MaskedQuery], wanted: list[bool]):
+    """BM25 scores [N] of each wanted query's masked sentence (masks dropped) against every block; None otherwise."""
     from realm_core.bm25 import bm25_tokenize, build_bm25
 
-    if not any(found):
-        return found
     docs = bm25_tokenize([f"{b.title} {b.text}" for b in store.blocks])
-    if not any(docs):
-        return [f[:limit] for f in found]
+    if not any(docs) or not any(wanted):
+        return [None] * len(queries)
     bm25 = build_bm25(docs)
     special = set(store.tokenizer.all_special_ids)
-    texts = [store.tokenizer.decode([t for t in q.input_ids if t not in special]) if f else "" for q, f in zip(queries, found)]
+    texts = [store.tokenizer.decode([t for t in q.input_ids if t not in special]) if w else "" for q, w in zip(queries, wanted)]
     out = []
-    for f, tokens in zip(found, bm25_tokenize(texts)):
-        ids = bm25.get_tokens_ids(tokens) if f else []
-        if ids and len(f) > 1:
-            scores = bm25.get_scores_from_ids(ids)
+    for w, tokens in zip(wanted, bm25_tokenize(texts)):
+        ids = bm25.get_tokens_ids(tokens) if w else []
+        out.append(bm25.get_scores_from_ids(ids) if ids else None)
+    return out
+
+
+def _rank_by_overlap(store: BlockStore, queries: list[MaskedQuery], found: list[list[int]], limit: int) -> list[list[int]]:
+    out = []
+    for f, scores in zip(found, _bm25_scores(store, queries, [len(f) > 1 for f in found])):
+        if scores is not None:
             f = sorted(f, key=lambda z: (-float(scores[z]), z))
         out.append(f[:limit])
+    return out
+
+
+def answer_near(store: BlockStore, queries: list[MaskedQuery], evidence: list[list[int]], n: int) -> list[bool]:
+    """True where an answer-bearing block is among the `n` BM25-closest non-source blocks of the masked
+    sentence: evidence that a retriever can find, not only evidence that exists somewhere."""
+    import numpy as np
+
+    out = []
+    for q, ev, scores in zip(queries, evidence, _bm25_scores(store, queries, [bool(e) for e in evidence])):
+        if scores is None or not ev:
+            out.append(False)
+            continue
+        if 0 <= q.block_id < len(scores):
+            scores = scores.copy()
+            scores[q.block_id] = -np.inf
+        best = scores[ev].max()
+        out.append(bool(best > 0 and (scores > best).sum() < n))
+    return out
+
+
+def related_blocks_without_answer(store: BlockStore, queries: list[MaskedQuery], evidence: list[list[int]], limit: int = 4) -> list[list[int]]:
+    """For each query, up to `limit` of the BM25-closest blocks that are neither its source nor answer-bearing.
+
+    The hard negatives of the encoder warm-up: blocks that look like what pre-training retrieves
+    but cannot fill the span, so the encoder learns that such a block must not lower p(y) below
+    the null block's (reading.py).
+    """
+    import numpy as np
+
+    out = []
+    for q, ev, scores in zip(queries, evidence, _bm25_scores(store, queries, [True] * len(queries))):
+        if scores is None:
+            out.append([])
+            continue
+        banned = set(ev) | {q.block_id}
+        order = np.argsort(-scores, kind="stable")[: limit + len(banned) + 1]
+        out.append([int(z) for z in order if int(z) not in banned and scores[z] > 0][:limit])
     return out
 
 

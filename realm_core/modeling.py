@@ -161,7 +161,7 @@ class CopyHead(nn.Module):
     """Reading made learnable: a pointer over the block's wordpieces mixed into the MLM softmax.
 
         p(y_j | z, x) = (1 - g_j) p_vocab(y_j | z, x) + g_j sum_{i in body(z), t_i = y_j} a_ji
-        a_j = softmax_i (W_q h_j) . (W_k h_i) / sqrt(h)     g_j = sigmoid(w . h_j)
+        a_j = softmax_i s_ji,  s_ji = (W_q h_j) . (W_k h_i) / sqrt(h)     g_j = sigmoid(w . h_j + u max_i s_ji + b)
 
     over the body positions i of `[CLS] x [SEP] body(z) [SEP]` (pointer-generator networks, See
     et al. 2017). A departure from the paper (switch `model.copy_head`): REALM's encoder is a
@@ -169,6 +169,11 @@ class CopyHead(nn.Module):
     Ours has a new MLM head on a 2-layer sentence encoder, which learns to copy from its context
     only slowly (DESIGN.md 1b); with the pointer, copying a span out of the block is one bilinear
     match away. With the null block (no body) the pointer is off and p = p_vocab.
+
+    The gate sees the best match score: a block that holds no good filler must close it, or it
+    would make p(y | z, x) fall below p(y | null, x) by log(1 - g). Pre-training's candidates are
+    mostly such blocks; with a gate blind to the match, the marginal likelihood moved all mass to
+    the null block within 20 steps of the default run (p(null) -> 1.0, retriever gradient -> 0).
     """
 
     def __init__(self, hidden: int):
@@ -176,6 +181,7 @@ class CopyHead(nn.Module):
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.gate = nn.Linear(hidden, 1)
+        self.gate_match = nn.Parameter(torch.ones(()))  # u: weight of the best match score in the gate
 
     def pointer(self, gathered: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """a [N, M, L] (0 off the body; all 0 without a body), log g and log (1 - g) [N, M] (g = 0 without a body).
@@ -184,9 +190,11 @@ class CopyHead(nn.Module):
         both keep the backward pass free of NaN when a row has no body or no matching wordpiece.
         """
         scores = torch.einsum("nmh,nlh->nml", self.query(gathered), self.key(hidden)) / hidden.size(-1) ** 0.5  # [N, M, L]
-        a = scores.masked_fill(~context[:, None, :], -1e4).softmax(-1) * context[:, None, :]
+        masked = scores.masked_fill(~context[:, None, :], -1e4)
+        a = masked.softmax(-1) * context[:, None, :]
         has = context.any(-1)[:, None]  # [N, 1]
-        gate = self.gate(gathered).squeeze(-1)  # [N, M]
+        best = torch.where(has, masked.amax(-1), torch.zeros_like(masked[..., 0]))  # [N, M]
+        gate = self.gate(gathered).squeeze(-1) + self.gate_match * best  # [N, M]
         log_g = torch.where(has, F.logsigmoid(gate), torch.full_like(gate, float("-inf")))
         log_1mg = torch.where(has, F.logsigmoid(-gate), torch.zeros_like(gate))
         return a, log_g, log_1mg

@@ -50,13 +50,16 @@ def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
 
 
 class NullScore(nn.Module):
-    """A learned bias added to the null block's retrieval score f(x, null).
+    """The null block's retrieval score as one learned scalar, instead of f(x, null).
 
     A departure from the paper (switch `pretrain.null_bias`). REALM scores the null block like
-    any other, f(x, null) = Embed_input(x) . Embed_doc([CLS] [SEP] [SEP]); on the default run that
+    any other, f(x, null) = Embed_input(x) . Embed_doc([CLS] [SEP] [SEP]). On the default run that
     gave it a median p(null | x) of 1.5e-9 at step 0 and 4.6e-12 at the end, so the "retrieve
-    nothing" option of section 3.4 had no effect. The bias is calibrated once at step 0 so the
-    null block scores like an average retrieved block, then learned at its own rate.
+    nothing" option of section 3.4 had no effect; with a bias added to f(x, null), the doc tower
+    instead moved the one null embedding towards every query and p(null) reached 1.0 within 10
+    steps, starving the retriever of gradient. A scalar cannot be moved per query by the towers:
+    it is calibrated once at step 0 so the null block scores like an average retrieved block,
+    then learned at its own rate (`pretrain.null_bias_lr`).
     """
 
     def __init__(self):
@@ -64,8 +67,8 @@ class NullScore(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, k] -> [B, k] with the bias added to candidate 0 (the null block)."""
-        return torch.cat([logits[:, :1] + self.bias, logits[:, 1:]], dim=1)
+        """[B, k] -> [B, k] with candidate 0 (the null block) scored by the bias alone."""
+        return torch.cat([self.bias.expand(logits.size(0), 1), logits[:, 1:]], dim=1)
 
 
 class Pretrainer:
@@ -164,21 +167,22 @@ class Pretrainer:
         """f(x, z) [B, k] over the candidates, both towers live (section 3.3), and the candidates."""
         q = self.retriever.query(**query_batch(self.store, [b.input_ids for b in batch], self.device))  # [B, d]
         cands = self.candidates(q, batch)  # B x k
+        if self.null_bias:  # the null block is the learned scalar: no need to embed it
+            d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row[1:]], self.device))  # [B*(k-1), d]
+            retrieved = self.retriever.score(q, d.view(len(batch), self.top_k - 1, -1))  # [B, k-1]
+            return self.null(torch.cat([retrieved[:, :1], retrieved], dim=1)), cands
         d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row], self.device))  # [B*k, d]
-        logits = self.retriever.score(q, d.view(len(batch), self.top_k, -1))  # [B, k]
-        return (self.null(logits) if self.null_block else logits), cands
+        return self.retriever.score(q, d.view(len(batch), self.top_k, -1)), cands  # [B, k]
 
     @torch.no_grad()
     def calibrate_null_bias(self, batch: list[MaskedQuery]) -> float:
-        """Set the null bias so the median query scores the null block like its average retrieved block
+        """Set the null score so the median query scores the null block like its average retrieved block
         (dropout off, so the calibration does not depend on a dropout draw)."""
         modes = {name: m.training for name, m in self.modules().items()}
         for m in self.modules().values():
             m.eval()
-        self.null.bias.zero_()
         logits, _ = self.retrieval_logits(batch)  # [B, k]
-        gap = logits[:, 1:].mean(1) - logits[:, NULL_BLOCK]
-        self.null.bias.fill_(float(gap.median()))
+        self.null.bias.fill_(float(logits[:, 1:].mean(1).median()))
         for name, m in self.modules().items():
             m.train(modes[name])
         return float(self.null.bias)

@@ -143,7 +143,7 @@ def warmup_encoder_task(params: Params, paths: Paths, out_dir: Path, log: StepLo
     run_logger().info("encoder warm-up: %d salient queries (%d with an answer-bearing block elsewhere), probe of %d held-out queries, %d steps",
                       len(q.salient), sum(bool(e) for e in q.salient_evidence), len(q.probe), c.steps)
     ckpt = stage_checkpointer(params, paths, "ict", "encoder", log)
-    summary = warmup_encoder(encoder, store, q.salient, q.salient_evidence, c, seed=params.seed, device=device, log=log, checkpoint=ckpt, probe=q.probe)
+    summary = warmup_encoder(encoder, store, q.salient, q.salient_evidence, c, seed=params.seed, device=device, negatives=q.salient_negatives, log=log, checkpoint=ckpt, probe=q.probe)
     log_resume(ckpt, "encoder warm-up")
     gain = summary.get("evidence_gain")
     if gain is not None:

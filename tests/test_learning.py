@@ -127,16 +127,25 @@ def test_null_bias_is_calibrated_to_an_average_block_and_learned(facts, models):
         logits, _ = trainer.retrieval_logits(queries)
     gap = logits[:, 1:].mean(1) - logits[:, NULL_BLOCK]
     assert abs(float(gap.median())) < 1e-4 and bias != 0.0
+    assert torch.all(logits[:, NULL_BLOCK] == bias)  # one scalar for every query: the towers cannot move it
     out = trainer.forward(queries[:3])
     out["loss"].backward()
     assert trainer.null.bias.grad is not None and float(trainer.null.bias.grad) != 0.0
 
 
 def test_without_null_bias_the_null_score_is_the_papers_dot_product(facts, models):
+    from realm_core.blocks import doc_batch, query_batch
+
     _, store = facts
     retriever, encoder = models
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, null_bias=False)
     trainer.refresh_index(0)
+    trainer.train()
+    queries = salient_span_queries(store, 32, 10)[:2]
+    with torch.no_grad():
+        logits, _ = trainer.retrieval_logits(queries)
+        f_null = retriever.query(**query_batch(store, [q.input_ids for q in queries], CPU)) @ retriever.doc(**doc_batch(store, [None], CPU)).T
+    assert torch.allclose(logits[:, NULL_BLOCK], f_null.squeeze(-1), atol=1e-5)
     pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=2, batch_size=2), refresher=SyncRefresher(store, CPU, 8, 0), seed=0)
     assert float(trainer.null.bias) == 0.0 and not trainer.null.bias.requires_grad
 
@@ -163,7 +172,42 @@ def test_query_filter_keeps_only_queries_whose_answer_is_in_another_block(facts)
     assert 0 < len(filtered.train) < len(keep_all.train)
 
 
+def test_answer_near_keeps_queries_whose_evidence_is_among_the_closest_blocks(facts):
+    from realm_core.masking import answer_near
+
+    _, store = facts
+    queries = salient_span_queries(store, 32, 10)
+    evidence = answer_bearing_blocks(store, queries)
+    from realm_core.bm25 import bm25_retrieve
+
+    wide = answer_near(store, queries, evidence, n=len(store))
+    narrow = answer_near(store, queries, evidence, n=1)
+    docs = [f"{b.title} {b.text}" for b in store.blocks]
+    texts = [store.tokenizer.decode([t for t in q.input_ids if t not in store.tokenizer.all_special_ids]) for q in queries]
+    lexical = bm25_retrieve(docs, texts, k=len(store))  # blocks sharing a word with the sentence
+    assert wide == [bool(set(ev) & set(hits)) for ev, hits in zip(evidence, lexical)]  # n = all: evidence that shares a word
+    assert 0 < sum(narrow) < sum(wide) and not any(n and not w for n, w in zip(narrow, wide))
+    near = pretraining_queries(store, PretrainParams(query_filter="answer_near", probe_size=0), 32, 0)
+    assert near.train and set(map(id, near.train)) <= {id(q) for q in near.salient}
+
+
 # ------------------------------------------------------------------ evidence and the probe
+
+
+def test_hard_negatives_are_related_blocks_without_the_answer(facts):
+    from realm_core.masking import related_blocks_without_answer
+
+    _, store = facts
+    queries = salient_span_queries(store, 32, 10)
+    evidence = answer_bearing_blocks(store, queries)
+    negatives = related_blocks_without_answer(store, queries, evidence, limit=2)
+    tok = store.tokenizer
+    for q, ev, neg in zip(queries, evidence, negatives):
+        assert q.block_id not in neg and not set(neg) & set(ev)
+        assert all(tok.decode(q.targets) not in tok.decode(store.body_ids[z]) for z in neg)
+    salzburg = next(n for q, n in zip(queries, negatives) if q.block_id == 0 and tok.decode(q.targets) == "salzburg")
+    # "Mozart was born in [MASK] in 1756.": the closest blocks without "Salzburg" share "born"
+    assert sorted(salzburg) == [3, 4] and all("born" in store.blocks[z].text for z in salzburg)
 
 
 def test_answer_bearing_blocks_match_whole_words_outside_the_source_most_related_first(facts):
@@ -225,7 +269,10 @@ def test_warmup_contexts_follow_the_evidence_source_and_null_shares():
     assert only_source == [1, 2] * 500
     none = draw(evidence_prob=0.0, source_prob=0.0)
     nulls = sum(z is None for z in none)
-    assert 400 < nulls < 600 and all(z is None or (z not in evidence[i % 2] and z != [1, 2][i % 2]) for i, z in enumerate(none))
+    assert 250 < nulls < 420 and all(z is None or (z not in evidence[i % 2] and z != [1, 2][i % 2]) for i, z in enumerate(none))
+    hard = warmup_contexts([0, 1] * 500, evidence, [1, 2] * 500, 20, EncoderWarmupParams(evidence_prob=0.0), random.Random(0), negatives=[[9], [11]])
+    hits = sum(z == [9, 11][i % 2] for i, z in enumerate(hard))
+    assert 250 < hits < 420  # a third are the hard negatives
 
 
 def test_encoder_warmup_trains_the_whole_encoder_and_logs_the_gain_before_and_after(facts, models):
@@ -272,7 +319,7 @@ def test_copy_head_mixes_a_pointer_over_the_body_into_the_vocabulary_softmax(fac
             for j, target in enumerate(batch["targets"][n].tolist()):
                 scores = torch.stack([copying.copy.query(gathered[n, j]) @ copying.copy.key(hidden[n, i]) for i in body]) / hidden.size(-1) ** 0.5
                 a = scores.softmax(0)
-                g = torch.sigmoid(copying.copy.gate(gathered[n, j]))[0]
+                g = torch.sigmoid(copying.copy.gate(gathered[n, j])[0] + copying.copy.gate_match * scores.max())  # sees the best match
                 pointer = sum(float(a[t]) for t, i in enumerate(body) if int(batch["input_ids"][n, i]) == target)
                 brute = float(torch.log((1 - g) * vocab[n, j, target] + g * pointer))
                 assert float(got[n, j]) == pytest.approx(brute, abs=1e-5)

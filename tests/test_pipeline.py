@@ -30,7 +30,8 @@ TINY_PARAMS = {
     "model": {"num_hidden_layers": None, "max_query_tokens": 32},
     "corpus": {"max_passages": 40, "max_block_tokens": 64, "qa_fraction": 0.5, "shards": 2},
     "ict": {"steps": 4, "batch_size": 4, "mlm_warmup_steps": 3, "mlm_batch_size": 4},
-    "pretrain": {"steps": 6, "batch_size": 2, "top_k": 3, "refresh_every": 2, "refresh_mode": "sync"},
+    "encoder_warmup": {"steps": 3, "batch_size": 4},
+    "pretrain": {"steps": 6, "batch_size": 2, "top_k": 3, "refresh_every": 2, "refresh_mode": "sync", "probe_size": 4},
     "finetune": {"steps": 4, "batch_size": 2, "top_k": 2, "retriever_top_k": 10},
     "evaluate": {"recall_at": [1, 5], "top_k": 2},
 }
