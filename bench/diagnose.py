@@ -7,7 +7,9 @@ For the ict and pretrain encoders in `--data`, on the probe the pipeline holds o
 (realm_core/reading.py, same seed and params): the evidence gain (log p(y | answer-bearing
 non-source block, x) - log p(y | null, x), nats per masked token, eval mode), the same gain for the
 query's own source block, and for a random block. For the pre-trained retriever: the share of
-probe queries with an answer-bearing block among the top-k candidates, and the median p(null | x).
+probe queries with an answer-bearing block among the top-k candidates, and the median p(null | x)
+under the paper's null score f(x, null) (a run with `pretrain.null_bias` learns a scalar instead;
+its p(null) is `null_prob` in metrics/pretrain.json).
 Prints a table and writes JSON. README "Is it learning?" says what healthy values look like.
 """
 
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
         encoder = load_encoder(args.data / stage / "encoder")
         out["stages"][stage] = {name: probe.evidence_gain(encoder, store, cpu) for name, probe in probes.items()}
     if (args.data / "pretrain" / "retriever").exists():
-        trainer = Pretrainer.from_params(load_retriever(args.data / "pretrain" / "retriever"), load_encoder(args.data / "pretrain" / "encoder"), store, params.pretrain, cpu)
+        # the paper's null score f(x, null): the learned scalar of `pretrain.null_bias` lives only in the run's metrics
+        c = params.pretrain.model_copy(update={"null_bias": False, "null_block": True})
+        trainer = Pretrainer.from_params(load_retriever(args.data / "pretrain" / "retriever"), load_encoder(args.data / "pretrain" / "encoder"), store, c, cpu)
         trainer.refresh_index(0)
         for m in trainer.modules().values():
             m.eval()
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         found = [bool(set(ev) & {z for z in row if z is not None}) for ev, row in zip(q.probe.evidence, cands)]
         out["stages"]["pretrain"].update(
             answer_bearing_in_candidates=sum(found) / max(1, len(found)),
-            median_null_prob_without_bias=float((logits - torch.nn.functional.pad(trainer.null.bias.detach().reshape(1, 1), (0, logits.size(1) - 1))).softmax(-1)[:, 0].median())
-            if trainer.null_block else None,
+            median_null_prob_paper_score=float(logits.softmax(-1)[:, 0].median()),
         )
     print(f"| stage | evidence gain | source-block gain | random-block gain |  ({len(q.probe)} probe queries, nats/token)")
     print("|---|---|---|---|")

@@ -66,9 +66,9 @@ class NullScore(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, k] -> [B, k] with candidate 0 (the null block) scored by the bias alone."""
-        return torch.cat([self.bias.expand(logits.size(0), 1), logits[:, 1:]], dim=1)
+    def forward(self, retrieved: torch.Tensor) -> torch.Tensor:
+        """f(x, z) of the retrieved blocks [B, k-1] -> [B, k] with the null block's score first."""
+        return torch.cat([self.bias.expand(retrieved.size(0), 1), retrieved], dim=1)
 
 
 class Pretrainer:
@@ -170,7 +170,7 @@ class Pretrainer:
         if self.null_bias:  # the null block is the learned scalar: no need to embed it
             d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row[1:]], self.device))  # [B*(k-1), d]
             retrieved = self.retriever.score(q, d.view(len(batch), self.top_k - 1, -1))  # [B, k-1]
-            return self.null(torch.cat([retrieved[:, :1], retrieved], dim=1)), cands
+            return self.null(retrieved), cands
         d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row], self.device))  # [B*k, d]
         return self.retriever.score(q, d.view(len(batch), self.top_k, -1)), cands  # [B, k]
 
