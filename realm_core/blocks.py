@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from realm_core.io import InputError, read_jsonl
+from realm_core.precision import embedding_tower, resolve_embed_precision
 
 
 @dataclass
@@ -143,24 +144,28 @@ def doc_batch(store: BlockStore, block_ids: Sequence[int | None], device: torch.
     return pad_batch([s[0] for s in seqs], [s[1] for s in seqs], store.tokenizer.pad_token_id, device)
 
 
-@torch.inference_mode()
-def embed_blocks(embedder: torch.nn.Module, store: BlockStore, device: torch.device, batch_size: int = 64, progress: str | None = "embed blocks") -> np.ndarray:
+def embed_blocks(embedder: torch.nn.Module, store: BlockStore, device: torch.device, batch_size: int = 64, progress: str | None = "embed blocks", precision: str = "fp32") -> np.ndarray:
     """Embed every block with the document embedder: [N, d] float32, row i = block i.
 
-    Blocks are processed in order of length so each batch pads little.
+    Blocks are processed in order of length so each batch pads little. `precision` is the
+    kernel (realm_core/precision.py: fp32 | bf16 | fp16 | int8, or auto): anything but fp32
+    embeds with a bf16 / fp16 / int8 copy of the embedder's current weights, which stay untouched.
     """
     was_training = embedder.training
     embedder.eval()
+    with torch.no_grad():
+        tower = embedding_tower(embedder, resolve_embed_precision(precision, device))
     order = sorted(range(len(store)), key=lambda i: len(store.body_ids[i]) + len(store.title_ids[i]))
     out: np.ndarray | None = None
     bar = tqdm(total=len(order), desc=progress, unit="block", disable=progress is None, mininterval=2.0)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        emb = embedder(**doc_batch(store, chunk, device)).float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(store), emb.shape[1]), dtype=np.float32)
-        out[chunk] = emb
-        bar.update(len(chunk))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            emb = tower(**doc_batch(store, chunk, device)).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(store), emb.shape[1]), dtype=np.float32)
+            out[chunk] = emb
+            bar.update(len(chunk))
     bar.close()
     embedder.train(was_training)
     assert out is not None

@@ -142,6 +142,9 @@ class IndexParams(_Section):
 
     type: Literal["flat", "hnsw", "ivf_pq"] = Field("flat", description="flat = exact IndexFlatIP; hnsw / ivf_pq = approximate")
     mmap: bool = Field(False, description="memory-map the saved faiss index and embeddings on load instead of reading them into RAM")
+    embed_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="kernel that embeds the blocks of every index build and refresh (realm_core/precision.py); auto = bf16 on CPUs "
+        "with avx512_bf16/amx_bf16, int8 on other AVX2 CPUs, else fp32; on CUDA bf16 or fp16. Training and queries stay fp32")
     hnsw: HnswParams = Field(default_factory=HnswParams)
     ivf_pq: IvfPqParams = Field(default_factory=IvfPqParams)
 

@@ -46,10 +46,10 @@ from realm_core.io import atomic_dir
 from realm_core.modeling import Embedder, load_embedder, load_tokenizer, save_embedder
 
 
-def build_index(doc: Embedder, store: BlockStore, device: torch.device, batch_size: int, progress: str | None = "refresh index", meta: dict | None = None) -> DenseIndex:
-    """Re-embed every block with `doc` and index the vectors (row i = block i)."""
+def build_index(doc: Embedder, store: BlockStore, device: torch.device, batch_size: int, progress: str | None = "refresh index", meta: dict | None = None, precision: str = "fp32") -> DenseIndex:
+    """Re-embed every block with `doc` (kernel `precision`, realm_core/precision.py) and index the vectors (row i = block i)."""
     with torch.no_grad():
-        embeddings = embed_blocks(doc, store, device, batch_size, progress=progress)
+        embeddings = embed_blocks(doc, store, device, batch_size, progress=progress, precision=precision)
     return DenseIndex(embeddings, np.arange(len(store), dtype=np.int64), meta=meta)
 
 
@@ -71,10 +71,13 @@ class RefreshRecord:
 
 
 class Refresher:
-    """Decides when to snapshot (every `refresh_every` steps, 0 = never) and records every swap."""
+    """Decides when to snapshot (every `refresh_every` steps, 0 = never) and records every swap.
 
-    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int):
-        self.store, self.device, self.batch_size, self.refresh_every = store, device, batch_size, refresh_every
+    Every build embeds with the kernel `precision` (realm_core/precision.py), from a copy of the
+    snapshot's weights when it is not fp32."""
+
+    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, precision: str = "fp32"):
+        self.store, self.device, self.batch_size, self.refresh_every, self.precision = store, device, batch_size, refresh_every, precision
         self.records: list[RefreshRecord] = []
         self.last_snapshot = 0
         self.pending: int | None = None  # step of the snapshot being built
@@ -87,7 +90,7 @@ class Refresher:
         """
         self.records = [RefreshRecord(**{k: v for k, v in r.items() if k != "staleness"}) for r in history or []]
         start = time.perf_counter()
-        index = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step})
+        index = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision)
         seconds = time.perf_counter() - start
         self.records.append(RefreshRecord(step, step, seconds, seconds))
         self.last_snapshot = step
@@ -134,7 +137,7 @@ class SyncRefresher(Refresher):
 
     def _submit(self, doc: Embedder, step: int) -> None:
         start = time.perf_counter()
-        self._built = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step})
+        self._built = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision)
         self._seconds = time.perf_counter() - start
 
     def _poll(self, step: int) -> tuple[DenseIndex, float] | None:
@@ -149,8 +152,8 @@ class AsyncRefresher(Refresher):
     (synchronous) build, so its start-up cost is hidden.
     """
 
-    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1):
-        super().__init__(store, device, batch_size, refresh_every)
+    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32"):
+        super().__init__(store, device, batch_size, refresh_every, precision)
         self.work_dir, self.max_staleness, self.threads = Path(work_dir), max_staleness, threads
         self.trainer_threads = torch.get_num_threads()
         shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -170,7 +173,7 @@ class AsyncRefresher(Refresher):
             blocks.write_text("".join(json.dumps(asdict(b)) + "\n" for b in self.store.blocks), encoding="utf-8")
         ctx = mp.get_context("spawn")  # fork is unsafe with torch's thread pools
         self._jobs, self._results = ctx.Queue(), ctx.Queue()
-        args = (os.getpid(), str(self.work_dir), str(blocks), self.store.max_block_tokens, str(self.device), self.batch_size, self.threads, self._jobs, self._results)
+        args = (os.getpid(), str(self.work_dir), str(blocks), self.store.max_block_tokens, str(self.device), self.batch_size, self.precision, self.threads, self._jobs, self._results)
         self._proc = ctx.Process(target=_builder_main, args=args, name="realm-index-builder", daemon=True)
         self._proc.start()
 
@@ -221,7 +224,7 @@ def _next_job(jobs: mp.Queue, parent: int) -> int | None:
                 return None
 
 
-def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int, device: str, batch_size: int, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int, device: str, batch_size: int, precision: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
     """The index builder process: for each snapshot step it is sent, embed all blocks and save an index.
 
     `parent` is the trainer's pid, passed in: if the trainer died while this process started,
@@ -234,7 +237,7 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
         try:
             start = time.perf_counter()
             snapshot = work / f"embedder-{step}"
-            index = build_index(load_embedder(snapshot).to(device), store, torch.device(device), batch_size, progress=None, meta={"snapshot_step": step})
+            index = build_index(load_embedder(snapshot).to(device), store, torch.device(device), batch_size, progress=None, meta={"snapshot_step": step}, precision=precision)
             index.save(work / f"index-{step}")
             shutil.rmtree(snapshot, ignore_errors=True)
             results.put(("done", step, time.perf_counter() - start))
@@ -242,7 +245,7 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
             results.put(("error", step, traceback.format_exc()))
 
 
-def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1) -> Refresher:
+def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
     """The refresher for `pretrain.refresh_mode` (with `refresh_every: 0` nothing is ever rebuilt, so no builder process).
 
     Under torchrun rank 0 alone builds (its refresher as in one process, sync or async) and
@@ -250,16 +253,17 @@ def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: tor
     """
     if distributed.is_distributed():
         if not distributed.is_master():
-            return SharedRefresher(None, store, device, batch_size, refresh_every)
-        return SharedRefresher(_make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads), store, device, batch_size, refresh_every)
-    return _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads)
+            return SharedRefresher(None, store, device, batch_size, refresh_every, precision)
+        inner = _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
+        return SharedRefresher(inner, store, device, batch_size, refresh_every, precision)
+    return _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
 
 
-def _make_local_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1) -> Refresher:
+def _make_local_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
     if mode == "sync" or refresh_every == 0:
-        return SyncRefresher(store, device, batch_size, refresh_every)
+        return SyncRefresher(store, device, batch_size, refresh_every, precision)
     if mode == "async":
-        return AsyncRefresher(store, device, batch_size, refresh_every, work_dir=work_dir, max_staleness=max_staleness, threads=threads)
+        return AsyncRefresher(store, device, batch_size, refresh_every, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
     raise ValueError(f"refresh_mode must be async or sync, got {mode!r}")
 
 
@@ -274,8 +278,8 @@ class SharedRefresher(Refresher):
     from the broadcast vectors; a refresh costs them one broadcast of N x d floats.
     """
 
-    def __init__(self, inner: Refresher | None, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int):
-        super().__init__(store, device, batch_size, refresh_every)
+    def __init__(self, inner: Refresher | None, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, precision: str = "fp32"):
+        super().__init__(store, device, batch_size, refresh_every, precision)
         self.inner = inner
 
     def initial(self, doc: Embedder, step: int = 0, history: list[dict] | None = None) -> DenseIndex:

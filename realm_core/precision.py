@@ -1,0 +1,83 @@
+"""The arithmetic that embeds the blocks for the index (REALM section 3.3: every refresh re-embeds
+the whole corpus with the current Embed_doc, so its cost bounds how fresh the index can be).
+
+    resolve_embed_precision("auto", torch.device("cpu"))   # -> "bf16" on this machine (AMX / AVX-512 bf16)
+    tower = embedding_tower(doc, "int8")                     # a quantised copy; `doc` keeps training in fp32
+
+params.yaml `index.embed_precision` picks it; "auto" chooses from the hardware:
+
+    CPU with avx512_bf16 or amx_bf16   bf16  a bfloat16 copy of the tower (oneDNN's bf16 / AMX matmuls)
+    other x86 CPU with avx2            int8  dynamic int8 quantisation of every nn.Linear (fbgemm)
+    other CPU                          fp32  the tower itself
+    CUDA                               bf16 if the GPU supports it, else fp16
+
+Only the block embeddings of an index are computed this way; training, queries and the
+trained tower's weights stay fp32, and the embeddings come back as float32. bench/throughput.py
+section `embed` measures each kernel's speed against sentence-transformers and its recall@k
+against fp32 (reports/throughput.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBED_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+KERNELS = EMBED_PRECISIONS[1:]
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (/proc/cpuinfo `flags`; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def resolve_embed_precision(requested: str, device: torch.device) -> str:
+    """The kernel that embeds blocks on `device`: `requested` itself, or the choice for "auto" (module docstring)."""
+    if requested not in EMBED_PRECISIONS:
+        raise ValueError(f"index.embed_precision must be one of {', '.join(EMBED_PRECISIONS)}; got {requested!r}")
+    if device.type == "cuda":
+        if requested == "int8":
+            raise ValueError("index.embed_precision int8 (dynamic quantisation) runs on CPU only; on cuda use auto, bf16, fp16 or fp32")
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested
+    if requested != "auto":
+        return requested
+    if device.type != "cpu":
+        return "fp32"
+    flags = cpu_flags()
+    if flags & BF16_FLAGS:
+        return "bf16"
+    if "avx2" in flags and "fbgemm" in torch.backends.quantized.supported_engines:
+        return "int8"
+    return "fp32"
+
+
+def embedding_tower(embedder: nn.Module, kernel: str) -> nn.Module:
+    """The module that embeds with `kernel`: the embedder itself for fp32, else a copy of its
+    current weights (cast to bf16 / fp16, or with every nn.Linear dynamically quantised to int8).
+    The embedder is never modified; a copy is made at each call, so it follows training."""
+    if kernel == "fp32":
+        return embedder
+    if kernel in HALF:
+        return copy.deepcopy(embedder).to(HALF[kernel])
+    if kernel == "int8":
+        with warnings.catch_warnings():  # torch 2.13 points eager quantisation users to torchao, whose CPU int8 needs torch.compile
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(embedder), {nn.Linear}, dtype=torch.qint8)
+    raise ValueError(f"unknown embedding kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
