@@ -33,7 +33,7 @@ def one_process(params, blocks: Path, doc: Path):
     from realm_core.modeling import backbone_dir, load_embedder, load_tokenizer, resolve_device
 
     store = BlockStore.load(blocks, load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
-    return embed_blocks(load_embedder(doc), store, resolve_device(params.device), params.pretrain.embed_batch_size)
+    return embed_blocks(load_embedder(doc), store, resolve_device(params.device), params.pretrain.embed_batch_size, precision=params.index.embed_precision)
 
 
 def main() -> None:

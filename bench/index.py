@@ -80,7 +80,7 @@ def embed_real(params: Any, n_queries: int, seed: int) -> dict[str, np.ndarray]:
     rows = [r for p in PASSAGES for r in read_jsonl(p)]
     store = BlockStore([Block(i, r["title"], r["text"], [], []) for i, r in enumerate(rows)], load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
     cpu = torch.device("cpu")
-    docs = embed_blocks(load_embedder(retriever / "doc"), store, cpu, batch_size=64, progress="embed real passages")
+    docs = embed_blocks(load_embedder(retriever / "doc"), store, cpu, batch_size=64, progress="embed real passages", precision=params.index.embed_precision)
     questions = read_jsonl(QUESTIONS)
     pick = np.sort(np.random.default_rng(seed).choice(len(questions), size=min(n_queries, len(questions)), replace=False))
     query = load_embedder(retriever / "query").eval()

@@ -52,7 +52,7 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
     if args.what == "embed":
         embedder = load_embedder(data / "pretrain" / "retriever" / "doc")
         subset = BlockStore(store.blocks[: args.blocks], store.tokenizer, store.max_block_tokens)
-        return lambda: embed_blocks(embedder, subset, CPU, params.pretrain.embed_batch_size, progress=None)
+        return lambda: embed_blocks(embedder, subset, CPU, params.pretrain.embed_batch_size, progress=None, precision=params.index.embed_precision)
     if args.what == "pretrain":
         from realm_core.modeling import load_retriever
         from realm_core.pretrain import Pretrainer, make_queries, pretrain

@@ -10,6 +10,8 @@ from prefect import flow
 from flows.embedding import build_index
 from flows.tracking import stage_run
 from realm_core.io import atomic_dir
+from realm_core.modeling import resolve_device
+from realm_core.precision import resolve_embed_precision
 from tasks.training import finetune_task
 
 
@@ -18,6 +20,8 @@ def finetune_flow() -> dict[str, float]:
     with stage_run("finetune") as ctx, atomic_dir(ctx.paths.finetune) as out:
         # Block embeddings are frozen in fine-tuning (ORQA): embed once, a map over corpus shards.
         doc = ctx.paths.pretrain / "retriever" / "doc"
-        build_index(ctx.params, ctx.paths.blocks, doc, out / "index", ctx.paths.scratch("finetune") / "index-shards", {"source": "pretrain/retriever/doc"})
+        kernel = resolve_embed_precision(ctx.params.index.embed_precision, resolve_device(ctx.params.device))
+        ctx.recorder.client.set_tag(ctx.run_id, "realm.embed_precision", kernel)  # what index.embed_precision resolved to
+        build_index(ctx.params, ctx.paths.blocks, doc, out / "index", ctx.paths.scratch("finetune") / "index-shards", {"source": "pretrain/retriever/doc"}, kernel)
         ctx.set_final(finetune_task(ctx.params, ctx.paths, out, ctx.log_fn))
     return ctx.final

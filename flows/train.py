@@ -37,6 +37,7 @@ from realm_core.io import atomic_dir
 from realm_core.logging import StepLogger, null_logger
 from realm_core.modeling import backbone_dir, load_embedder, load_tokenizer, resolve_device
 from realm_core.paths import Paths
+from realm_core.precision import resolve_embed_precision
 from realm_core.sharding import Shard, embed_shard, merge_shards
 
 def _last(log: StepLogger, keys: list[str]) -> dict[str, float]:
@@ -50,13 +51,15 @@ def embed_index_across_ranks(params: Params, paths: Paths, index_dir: Path, meta
     embedder = load_embedder(paths.pretrain / "retriever" / "doc")
     records = read_blocks(paths.blocks)
     tokenizer = load_tokenizer(backbone_dir(params.model.backbone))
-    mine = embed_shard(embedder, records, tokenizer, params.corpus.max_block_tokens, distributed.rank(), distributed.world_size(), resolve_device(params.device), params.pretrain.embed_batch_size)
+    device = resolve_device(params.device)
+    kernel = resolve_embed_precision(params.index.embed_precision, device)
+    mine = embed_shard(embedder, records, tokenizer, params.corpus.max_block_tokens, distributed.rank(), distributed.world_size(), device, params.pretrain.embed_batch_size, kernel)
     vectors = torch.from_numpy(mine.embeddings.reshape(len(mine.ids), embedder.projection.out_features))
     gathered = zip(distributed.all_gather_rows(vectors), distributed.all_gather_rows(torch.from_numpy(mine.ids)))
     shards = [Shard(r, mine.num_shards, mine.total, ids.numpy(), emb.numpy(), source=f"rank {r}") for r, (emb, ids) in enumerate(gathered)]
     embeddings, ids = merge_shards(shards)
     provenance = [{"shard": s.index, "blocks": len(s.ids), "worker": f"torchrun rank {s.index}"} for s in shards]
-    return DenseIndex(embeddings, ids).save(index_dir, meta={**meta, "shards": provenance})
+    return DenseIndex(embeddings, ids).save(index_dir, meta={**meta, "shards": provenance, "embed_precision": kernel})
 
 
 def _ict(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[str, float]:

@@ -74,6 +74,7 @@ def embed_shard(
     num_shards: int,
     device: torch.device,
     batch_size: int = 64,
+    precision: str = "fp32",
 ) -> Shard:
     """Embed only the blocks of one shard; only they are tokenised.
 
@@ -85,7 +86,7 @@ def embed_shard(
     if not part:
         return Shard(shard, num_shards, len(blocks), np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
     store = BlockStore(part, tokenizer, max_block_tokens)
-    emb = embed_blocks(embedder, store, device, batch_size, progress=f"embed shard {shard}/{num_shards}")  # [n_i, d]
+    emb = embed_blocks(embedder, store, device, batch_size, progress=f"embed shard {shard}/{num_shards}", precision=precision)  # [n_i, d]
     return Shard(shard, num_shards, len(blocks), np.array([b.id for b in part], dtype=np.int64), emb)
 
 

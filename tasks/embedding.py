@@ -26,8 +26,11 @@ def shard_file(shard_dir: Path, shard: int, num_shards: int) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def embed_shard_task(params: Params, blocks: Path, embedder_dir: Path, shard: int, num_shards: int, shard_dir: Path) -> Path:
+def embed_shard_task(params: Params, blocks: Path, embedder_dir: Path, shard: int, num_shards: int, shard_dir: Path, precision: str = "fp32") -> Path:
     """Embed the blocks of one shard with the document embedder in `embedder_dir`; returns the shard file.
+
+    `precision` is the kernel the flow resolved once (realm_core/precision.py), so every shard
+    of an index is embedded the same way whichever worker runs it.
 
     No Prefect retries: an error in here is deterministic (bad input), and a worker process
     that dies is rescheduled by Dask / Ray themselves.
@@ -43,9 +46,10 @@ def embed_shard_task(params: Params, blocks: Path, embedder_dir: Path, shard: in
         num_shards,
         resolve_device(params.device),
         params.pretrain.embed_batch_size,
+        precision,
     )
     path = save_shard(result, shard_file(shard_dir, shard, num_shards))
-    get_run_logger().info("shard %d/%d: %d blocks -> %s", shard, num_shards, len(result.ids), path)
+    get_run_logger().info("shard %d/%d: %d blocks (%s) -> %s", shard, num_shards, len(result.ids), precision, path)
     return path
 
 

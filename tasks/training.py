@@ -45,6 +45,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.paths import Paths
+from realm_core.precision import resolve_embed_precision
 from realm_core.pretrain import Pretrainer, pretrain
 from realm_core.reading import pretraining_queries, warmup_encoder
 from realm_core.refresh import make_refresher
@@ -180,7 +181,10 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     run_logger().info("%d of %d %s-masking queries kept (query_filter=%s), probe of %d held-out queries, over %d blocks; %s index refresh every %d steps",
                       len(q.train), int(q.stats["queries_before_filter"]), c.masking, c.query_filter, len(q.probe), len(store), c.refresh_mode, c.refresh_every)
     trainer = Pretrainer.from_params(initial_retriever(params, paths), load_encoder(paths.ict / "encoder"), store, c, device)
-    refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh", max_staleness=c.max_staleness, threads=c.refresh_threads)
+    kernel = resolve_embed_precision(params.index.embed_precision, device)
+    run_logger().info("index builds embed the blocks with %s (index.embed_precision=%s)", kernel, params.index.embed_precision)
+    refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh",
+                               max_staleness=c.max_staleness, threads=c.refresh_threads, precision=kernel)
 
     best_dir = paths.scratch("pretrain") / "best"  # beside the checkpoints, so a resumed run keeps it
 
@@ -203,7 +207,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     log_resume(ckpt, "pre-training")
     if best_dir.exists():
         shutil.copytree(best_dir, out_dir / "best")
-    write_json(out_dir / "refresh_log.json", {"mode": c.refresh_mode if c.refresh_every else "never", "refresh_every": c.refresh_every, "refreshes": refresher.log()})
+    write_json(out_dir / "refresh_log.json", {"mode": c.refresh_mode if c.refresh_every else "never", "refresh_every": c.refresh_every, "embed_precision": kernel, "refreshes": refresher.log()})
     for r in refresher.records:
         run_logger().info("index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s", r.snapshot_step, r.swap_step, r.staleness, r.build_seconds, r.wait_seconds)
     save_retriever(trainer.retriever.cpu(), out_dir / "retriever")

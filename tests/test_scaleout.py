@@ -119,6 +119,7 @@ def test_embedding_flow_on_a_dask_local_cluster_equals_the_single_process_index(
         "corpus": {"shards": 2, "max_block_tokens": 64},
         "pretrain": {"embed_batch_size": 3},
         "runner": {"type": "dask", "workers": 2},
+        "index": {"embed_precision": "fp32"},  # exact equality needs one kernel; tests/test_embed_precision.py checks the others
     })
     index_dir = build_index(params, blocks, tmp_path / "doc", tmp_path / "index", tmp_path / "shards", {"source": "test"})
 
@@ -131,4 +132,4 @@ def test_embedding_flow_on_a_dask_local_cluster_equals_the_single_process_index(
     workers = [s["worker"] for s in index.meta["shards"]]
     assert [s["shard"] for s in index.meta["shards"]] == [0, 1]
     assert len(set(workers)) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers), workers
-    assert index.meta["source"] == "test" and not list((tmp_path / "shards").iterdir())
+    assert index.meta["source"] == "test" and index.meta["embed_precision"] == "fp32" and not list((tmp_path / "shards").iterdir())
