@@ -56,7 +56,9 @@ RELATIONS: tuple[Relation, ...] = (
              tuple("tennis golf chess football hockey boxing rugby cricket baseball swimming".split())),
 )
 
-SYLLABLES = tuple("ka ve lo ri mu sa to ne di fa go be ku zo ra mi lu ta pe no si da".split())
+ONSETS = tuple("b d f g k l m n p r s t v z br dr gr kr pr tr st sk sl sp th sh ch".split())
+VOWELS = tuple("a e i o u ai ei ou".split())
+CODAS = ("", "", "n", "r", "l", "s", "m", "k")
 
 
 @dataclass(frozen=True)
@@ -87,20 +89,28 @@ class World:
         return next(r for r in self.relations if r.name == name)
 
 
-def entity_names(tokenizer: PreTrainedTokenizerBase, count: int, rng: random.Random, forbidden: set[str]) -> list[str]:
+def entity_names(tokenizer: PreTrainedTokenizerBase, count: int, rng: random.Random, forbidden: set[str], distinct_pieces: bool = True) -> list[str]:
     """`count` unique made-up names of 2-3 syllables that the tokenizer splits into 2-3 wordpieces,
-    none of which is a value word (so a name never "contains" an answer)."""
+    none of which is a value word (so a name never "contains" an answer).
+
+    With `distinct_pieces` no two names share a wordpiece (about 500 names are possible), so a
+    name is recognised by any one of its pieces; otherwise names only differ as strings.
+    """
     vocab = tokenizer.get_vocab()
     names: list[str] = []
-    for _ in range(10000 * count):
+    used: set[str] = set()
+    for _ in range(400 * count):
         if len(names) == count:
             return names
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3))))
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.choice((2, 3))))
         pieces = tokenizer.tokenize(name)
-        if name in vocab or name in names or not 2 <= len(pieces) <= 3 or any(p.lstrip("#") in forbidden for p in pieces):
+        if name in vocab or name in names or len(name) > 10 or not 2 <= len(pieces) <= 3 or any(p.lstrip("#") in forbidden for p in pieces):
+            continue
+        if distinct_pieces and (used & set(pieces) or len(set(pieces)) < len(pieces)):
             continue
         names.append(name)
-    raise ValueError(f"could not draw {count} distinct entity names from the syllables")
+        used |= set(pieces)
+    raise ValueError(f"could not draw {count} entity names{' with distinct wordpieces' if distinct_pieces else ''}; ask for fewer")
 
 
 def _group(facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[int, ...]) -> list[list[tuple[str, str, str]]]:
@@ -161,11 +171,12 @@ LAYOUTS = ("entity", "mixed")
 
 
 def make_world(tokenizer: PreTrainedTokenizerBase, *, seed: int, entities: int = 60, relations: int = 4, facts_per_block: tuple[int, ...] = (2,),
-               layout: str = "entity") -> World:
+               layout: str = "entity", distinct_pieces: bool = True) -> World:
     """The synthetic corpus: `entities` x `relations` facts in blocks of `facts_per_block` sentences.
 
     layout "entity": a block holds facts of one entity (its other facts are in its other blocks);
     "mixed": facts of different entities and relations. Either way a block states a relation once.
+    `distinct_pieces`: no two entity names share a wordpiece (entity_names).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -177,7 +188,7 @@ def make_world(tokenizer: PreTrainedTokenizerBase, *, seed: int, entities: int =
         bad = [v for v in r.values if len(tokenizer.tokenize(v)) != 1]
         if bad:
             raise ValueError(f"relation {r.name}: values must be single wordpieces, not {bad}")
-    names = entity_names(tokenizer, entities, rng, {v for r in RELATIONS for v in r.values})
+    names = entity_names(tokenizer, entities, rng, {v for r in RELATIONS for v in r.values}, distinct_pieces)
     triples = [(e, r.name, rng.choice(r.values)) for e in names for r in rels]
     by_name = {r.name: r for r in rels}
     blocks: list[Block] = []
@@ -222,12 +233,27 @@ def fact_queries(world: World, store: BlockStore, facts: list[Fact] | None = Non
 
 
 def split_facts(world: World, held_out_fraction: float, seed: int) -> tuple[list[Fact], list[Fact]]:
-    """(train, held-out) facts, a seeded split by fact: pre-training trains on the first, the
-    metrics are reported on the second (their blocks stay in the corpus, their queries unseen)."""
-    order = list(world.facts)
-    random.Random(seed).shuffle(order)
-    n = round(held_out_fraction * len(order))
-    return sorted(order[n:], key=lambda f: f.id), sorted(order[:n], key=lambda f: f.id)
+    """(train, held-out) facts: pre-training trains on the first, the metrics are reported on the
+    second (their blocks stay in the corpus, their queries are never trained on).
+
+    Entities are drawn at random and one fact of *each* of their blocks is held out, until about
+    `held_out_fraction` of the facts are. So a held-out query's entity has as many trained queries
+    answered by each of its blocks: a retriever that learnt "entity -> block" by heart favours none
+    of them, and only the relation can pick the right one (with a split by fact, the held-out fact's
+    block answers fewer trained queries of its entity than the entity's other blocks do).
+    """
+    rng = random.Random(seed)
+    blocks_of: dict[str, dict[int, list[Fact]]] = {}
+    for f in world.facts:
+        blocks_of.setdefault(f.entity, {}).setdefault(f.block_id, []).append(f)
+    entities = list(blocks_of)
+    rng.shuffle(entities)
+    held: set[int] = set()
+    for e in entities:
+        if len(held) >= held_out_fraction * len(world.facts):
+            break
+        held.update(rng.choice(facts).id for facts in blocks_of[e].values())
+    return [f for f in world.facts if f.id not in held], [f for f in world.facts if f.id in held]
 
 
 def make_store(world: World, tokenizer: PreTrainedTokenizerBase, max_block_tokens: int = 64) -> BlockStore:

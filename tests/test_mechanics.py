@@ -137,10 +137,14 @@ def test_the_world_is_deterministic_from_the_seed(tokenizer, world):
     assert split_facts(world, 0.25, seed=1) == split_facts(world, 0.25, seed=1)
 
 
-def test_split_facts_partitions_the_facts(world):
+def test_split_holds_out_one_fact_of_every_block_of_a_held_out_entity(world):
     train, held_out = split_facts(world, 0.25, seed=1)
-    assert len(held_out) == round(0.25 * len(world.facts))
+    assert abs(len(held_out) - 0.25 * len(world.facts)) <= 2
     assert sorted(f.id for f in train + held_out) == [f.id for f in world.facts]
+    for entity in {f.entity for f in held_out}:
+        for block in {f.block_id for f in world.facts if f.entity == entity}:
+            assert sum(f.block_id == block for f in held_out) == 1  # so every block of the entity keeps one trained query
+            assert sum(f.block_id == block for f in train) == 1
 
 
 def test_blocks_fit_the_block_budget(world, tokenizer):
@@ -154,3 +158,88 @@ def test_a_block_states_each_relation_at_most_once(world):
     for block in world.blocks:
         relations = [f.relation for f in world.facts if f.block_id == block.id]
         assert len(set(relations)) == len(relations)
+
+
+# ---------------------------------------------------------------------------- the bench, end to end
+
+
+@pytest.fixture(scope="module")
+def quick_results():
+    """bench/mechanics.py --quick in this process: warm-up, then realm and the frozen-retriever control."""
+    from bench.mechanics import QUICK, run
+
+    return run(QUICK, seed=13, variants=["realm", "frozen_retriever"], threads=2)
+
+
+def test_realm_learns_to_retrieve_from_the_mlm_signal_alone(quick_results):
+    realm = quick_results["variants"]["realm"]
+    chance = quick_results["chance_recall_at_1"]
+    assert realm["initial_recall_at_1"] < 3 * chance  # the untrained retriever
+    assert realm["final_recall_at_1"] >= 5 * chance, realm["curves"]["eval"]
+
+
+def test_without_learnt_retrieval_the_held_out_facts_cannot_be_predicted(quick_results):
+    realm, frozen = quick_results["variants"]["realm"], quick_results["variants"]["frozen_retriever"]
+    assert frozen["final_recall_at_1"] < 3 * quick_results["chance_recall_at_1"]
+    assert realm["final_mlm_accuracy"] - frozen["final_mlm_accuracy"] >= 0.3, (realm["final_mlm_accuracy"], frozen["final_mlm_accuracy"])
+
+
+def test_the_results_hold_what_reports_mechanics_json_promises(quick_results, tmp_path):
+    import json
+
+    from bench.mechanics import markdown, plot
+
+    assert 0 < quick_results["chance_recall_at_1"] < 0.1
+    for v in quick_results["variants"].values():
+        for key in ("final_recall_at_1", "final_mlm_accuracy", "wall_seconds"):
+            assert 0 <= v[key] and (key == "wall_seconds" or v[key] <= 1)
+        ev = v["curves"]["eval"]
+        assert ev["step"][0] == 0 and len(ev["recall_at_1"]) == len(ev["mlm_accuracy"]) == len(ev["step"])
+        assert len(v["curves"]["step"]["loss"]) == v["params"]["steps"]
+    json.loads(json.dumps(quick_results))  # plain JSON
+    plot(quick_results, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "| realm |" in markdown(quick_results)
+
+
+def test_the_marginal_the_bench_scores_is_realms_marginal_likelihood(store, world):
+    """mlm_accuracy's argmax runs over log sum_z p(z|x) p(y|z,x); at the targets that must be the
+    per-token marginal the pre-training loss is made of (modeling.marginal_log_likelihood)."""
+    from bench.mechanics import CPU, Pretrainer, marginal_log_probs
+    from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever
+
+    torch.manual_seed(0)
+    retriever = Retriever.from_backbone(backbone_dir("minilm"), 1, 16, "mean")
+    encoder = KnowledgeAugmentedEncoder.from_backbone(backbone_dir("minilm"), 1, copy=True)
+    trainer = Pretrainer(retriever, encoder, store, top_k=4, device=CPU)
+    trainer.refresh_index(0)
+    for m in trainer.modules().values():
+        m.eval()
+    batch = fact_queries(world, store)[:5]
+    with torch.no_grad():
+        marginal, targets, mask = marginal_log_probs(trainer, batch)
+        out = trainer.forward(batch)
+    brute = torch.logsumexp(out["logits"].log_softmax(-1)[:, :, None] + out["token_log_probs"], dim=1)  # [B, M]
+    assert torch.allclose(marginal.gather(-1, targets[..., None])[..., 0] * mask, brute * out["token_mask"], atol=1e-4)
+    assert torch.allclose(marginal.exp().sum(-1)[mask.bool()], torch.ones(int(mask.sum())), atol=1e-3)  # a distribution over the vocabulary
+
+
+def test_the_bench_logs_its_curves_and_reports_to_mlflow(quick_results, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from bench.mechanics import log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    report = tmp_path / "mechanics.json"
+    report.write_text("{}")
+    run_id = log_to_mlflow({**quick_results, "config": {"seed": 13}}, [report], quick=True, root=tmp_path)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["bench"] == "mechanics"
+    assert run.data.metrics["realm.final_recall_at_1"] == pytest.approx(quick_results["variants"]["realm"]["final_recall_at_1"])
+    history = client.get_metric_history(run_id, "realm.recall_at_1")
+    assert [m.step for m in history] == quick_results["variants"]["realm"]["curves"]["eval"]["step"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["mechanics.json"]
