@@ -338,20 +338,11 @@ def training_overlap(benchmarks: list[Benchmark], blocks: Path) -> dict[str, int
 
 
 def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = ROOT) -> str:
-    """One run in the "realm-bench" experiment: params, flattened metrics, the JSON, table and plot.
-    A local store keeps the artefacts in <root>/mlartifacts, as the pipeline's experiment does."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    """One run in the "realm-bench" experiment: params, flattened metrics, the JSON, table and plot."""
+    from mlflow.entities import Metric
 
-    from flows.tracking import git_commit
+    from flows.tracking import log_bench_run
 
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("realm-bench")
-    local = client.tracking_uri.startswith(("sqlite:", "file:"))
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(
-        "realm-bench", artifact_location=(root / "mlartifacts").resolve().as_uri() if local else None)
-    run = client.create_run(exp_id, run_name=f"quality{'-quick' if quick else ''}-{time.strftime('%m%d-%H%M')}",
-                            tags={"git.commit": git_commit(root), "mlflow.source.name": "bench/quality.py", "bench": "quality"})
     now = int(time.time() * 1000)
     metrics = []
     for name, entry in results["retrievers"].items():
@@ -361,13 +352,7 @@ def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = RO
                 # the recall@k curve, k as the step: MLflow's chart view draws it
                 metrics += [Metric(f"{b}.{name}.{rule}_recall_curve", v, now, k) for k, v in enumerate(entry[b]["curve"][rule], start=1)]
     metrics += [Metric(f"{b}.reader.{name}.em", entry[b]["em"], now, 0) for name, entry in results["readers"].items() for b in results["benchmarks"]]
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in results["config"].items()])
-    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
-    for f in files:
-        client.log_artifact(run.info.run_id, str(f))
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    return log_bench_run("quality", results["config"], metrics, files, quick=quick, root=root)
 
 
 def main() -> None:

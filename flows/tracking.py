@@ -67,13 +67,14 @@ def tracking_client() -> MlflowClient:
         return MlflowClient(uri)
 
 
-def ensure_experiment(client: MlflowClient, root: Path) -> str:
-    """Id of the project's experiment, created on first use with artefacts under <root>/mlartifacts.
+def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None) -> str:
+    """Id of the project's experiment (or of `name`), created on first use with artefacts under
+    <root>/mlartifacts.
 
     The pipeline calls this before any stage process starts, so concurrent stages never race to
     create it (or to migrate a new SQLite store).
     """
-    name = experiment_name()
+    name = name or experiment_name()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
@@ -83,6 +84,26 @@ def ensure_experiment(client: MlflowClient, root: Path) -> str:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+BENCH_EXPERIMENT = "realm-bench"
+
+
+def log_bench_run(bench: str, params: dict, metrics: list[Metric], files: list[Path], *, quick: bool, root: Path) -> str:
+    """One finished run of `bench/<bench>.py` in the "realm-bench" experiment: its params, its
+    metrics (a step per point of a curve, so the chart view draws it) and its report files."""
+    client = tracking_client()
+    exp_id = ensure_experiment(client, root, BENCH_EXPERIMENT)
+    run = client.create_run(exp_id, run_name=f"{bench}{'-quick' if quick else ''}-{time.strftime('%m%d-%H%M')}",
+                            tags={"mlflow.source.git.commit": git_commit(root), "git.commit": git_commit(root),
+                                  "mlflow.source.name": f"bench/{bench}.py", "bench": bench})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
+    for f in files:
+        client.log_artifact(run.info.run_id, str(f))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 # Files the pipeline itself rewrites while it runs: changes to them do not make the code dirty.
