@@ -264,6 +264,7 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
 
     tokenizer = load_tokenizer(models.backbone)
     results: dict = {"benchmarks": {}, "retrievers": {}, "readers": {}}
+    scores: dict[tuple[str, str, str], np.ndarray] = {}  # (benchmark, system, metric) -> per-question 0/1: the paired comparisons
     stores, relevant, reader_ids, doc_cache = {}, {}, {}, {}
     for b in benchmarks:
         stores[b.name] = passage_store(b, tokenizer)
@@ -281,7 +282,9 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
         start = time.perf_counter()
         entry = results["retrievers"].setdefault(name, {"description": what})
         for b in benchmarks:
-            entry[b.name] = recall_summary(rank(b), relevant[b.name], b.sources, settings.depth)
+            rankings = rank(b)
+            entry[b.name] = recall_summary(rankings, relevant[b.name], b.sources, settings.depth)
+            scores.update(per_question_recall(b.name, name, rankings, relevant[b.name]["gold"]))
         entry["seconds"] = round(time.perf_counter() - start, 1)
         print(f"[quality] {name}: " + ", ".join(f"{b.name} R@5 gold {entry[b.name]['gold']['recall@5']:.1f} answer {entry[b.name]['answer']['recall@5']:.1f}" for b in benchmarks), flush=True)
 
@@ -320,9 +323,47 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
             preds = (closed_book_predictions(encoder, tokenizer, qs, params.model.max_query_tokens) if name == "closed_book"
                      else realm_reader_predictions(query, reader, stores[b.name], doc_cache[(b.name, "pretrain_doc")], qs, params))
             entry[b.name] = reader_summary(preds, qs, src)
+            scores[(b.name, name, "exact_match")] = np.array([answer_score(p, q) for p, q in zip(preds, qs)])
         entry["seconds"] = round(time.perf_counter() - start, 1)
         print(f"[quality] reader {name}: " + ", ".join(f"{b.name} EM {entry[b.name]['em']:.2f}" for b in benchmarks), flush=True)
+    results["comparisons"] = paired_comparisons(scores, seed=params.seed)
     return results
+
+
+# ============================================================================ paired comparisons
+
+# The paper's claims (REALM Table 2) and the references, as (metric, a, b): a is expected to beat b.
+# System names are the report's (`realm` is the pre-trained retriever for recall, the fine-tuned
+# reader for exact match); SYSTEMS maps them to this bench's retriever and reader names.
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    *((f"zero_shot_recall_at_{k}", "realm", "ict") for k in KS),  # REALM pre-training improves the ICT retriever
+    *((f"zero_shot_recall_at_{k}", "ict", "untrained") for k in KS),  # ICT learns to retrieve (ORQA)
+    *((f"zero_shot_recall_at_{k}", "realm", "bm25") for k in KS),  # the sparse reference
+    ("exact_match", "realm", "closed_book"),  # retrieval helps the reader answer
+)
+SYSTEMS = {"recall": {"realm": "realm_pretrained"}, "exact_match": {"realm": "realm_finetuned"}}
+
+
+def per_question_recall(bench: str, system: str, rankings: list[list[int]], gold: list[set[int]]) -> dict[tuple[str, str, str], np.ndarray]:
+    """Per-question hit@k (1/0) of the gold passage for each k in KS, keyed as `paired_comparisons` reads them."""
+    hits = np.array([[any(h[:k]) for k in KS] for h in hit_table(rankings, gold)], dtype=np.float64).reshape(-1, len(KS))  # [Q, len(KS)]
+    return {(bench, system, f"zero_shot_recall_at_{k}"): hits[:, j] for j, k in enumerate(KS)}
+
+
+def paired_comparisons(scores: dict[tuple[str, str, str], np.ndarray], seed: int) -> list[dict]:
+    """Each COMPARISONS row on each benchmark where both systems were scored: the difference of
+    a and b in points with its paired bootstrap 95% interval (realm_core/stats.py)."""
+    from realm_core.stats import paired_bootstrap
+
+    out = []
+    for bench in sorted({key[0] for key in scores}):
+        for metric, a, b in COMPARISONS:
+            names = SYSTEMS["exact_match" if metric == "exact_match" else "recall"]
+            ka, kb = (bench, names.get(a, a), metric), (bench, names.get(b, b), metric)
+            if ka in scores and kb in scores:
+                d = paired_bootstrap(scores[ka], scores[kb], seed=seed)
+                out.append({"set": bench, "metric": metric, "a": a, "b": b, **d.as_dict()})
+    return out
 
 
 def training_overlap(benchmarks: list[Benchmark], blocks: Path) -> dict[str, int]:
@@ -352,6 +393,8 @@ def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = RO
                 # the recall@k curve, k as the step: MLflow's chart view draws it
                 metrics += [Metric(f"{b}.{name}.{rule}_recall_curve", v, now, k) for k, v in enumerate(entry[b]["curve"][rule], start=1)]
     metrics += [Metric(f"{b}.reader.{name}.em", entry[b]["em"], now, 0) for name, entry in results["readers"].items() for b in results["benchmarks"]]
+    metrics += [Metric(f"{c['set']}.{c['a']}_minus_{c['b']}.{c['metric']}.{k}", c[k], now, 0)
+                for c in results.get("comparisons", []) for k in ("diff", "ci_low", "ci_high")]
     return log_bench_run("quality", results["config"], metrics, files, quick=quick, root=root)
 
 

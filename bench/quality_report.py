@@ -58,6 +58,17 @@ def reader_table(results: dict) -> list[str]:
     return ["## Readers: exact match (regex match for CuratedTREC)", "", *_table(head, rows), ""]
 
 
+def comparison_table(results: dict) -> list[str]:
+    """The paired differences a - b with their bootstrap 95% intervals, in points."""
+    rows = [[_label(c["set"]), c["metric"], f"{c['a']} - {c['b']}", f"{c['a_score']:.1f} - {c['b_score']:.1f}", f"{c['diff']:+.1f}",
+             f"[{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]", str(c["questions"]), "yes" if c["ci_low"] > 0 or c["ci_high"] < 0 else "no"]
+            for c in results.get("comparisons", [])]
+    if not rows:
+        return []
+    head = ["set", "metric", "a - b", "scores", "difference (points)", "95% CI (paired bootstrap)", "questions", "separates"]
+    return ["## Paired comparisons (the paper's claims: a should beat b)", "", *_table(head, rows), ""]
+
+
 def notes(results: dict) -> list[str]:
     cfg, bench = results.get("config", {}), results["benchmarks"]
     sizes = "; ".join(f"{_label(b)}: {v['passages']} passages ({v['passages_over_256_wordpieces']} longer than "
@@ -96,7 +107,7 @@ def markdown_report(results: dict) -> str:
         f"{cfg.get('threads', '?')} CPU threads. All numbers in %.",
         "",
     ]
-    return "\n".join([*head, *retriever_tables(results), *reader_table(results), *notes(results)]) + "\n"
+    return "\n".join([*head, *retriever_tables(results), *reader_table(results), *comparison_table(results), *notes(results)]) + "\n"
 
 
 def plot_recall_curves(results: dict, path: Path) -> Path:

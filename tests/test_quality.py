@@ -3,6 +3,7 @@ models standing in for every checkpoint (seconds, no real data)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,8 +113,17 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     assert results["benchmarks"]["tiny"]["questions_with_an_answer_passage"] == 3
     assert results["readers"]["realm_finetuned"]["tiny"]["questions"] == 2
     assert all(0.0 <= r[b]["em"] <= 100.0 for r in results["readers"].values() for b in ("tiny", "tiny2"))
+    comparisons = {(c["set"], c["metric"], c["a"], c["b"]): c for c in results["comparisons"]}
+    assert len(comparisons) == 2 * 10  # 9 recall rows and the EM row, on both benchmarks
+    realm_vs_bm25 = comparisons[("tiny", "zero_shot_recall_at_1", "realm", "bm25")]
+    assert realm_vs_bm25["b_score"] == 100.0 and realm_vs_bm25["questions"] == 3
+    assert realm_vs_bm25["a_score"] == pytest.approx(results["retrievers"]["realm_pretrained"]["tiny"]["gold"]["recall@1"], abs=1e-3)
+    assert realm_vs_bm25["diff"] == pytest.approx(realm_vs_bm25["a_score"] - 100.0, abs=1e-3)
+    assert all(c["ci_low"] <= c["diff"] + 1e-9 and c["diff"] <= c["ci_high"] + 1e-9 for c in comparisons.values())
+    assert comparisons[("tiny", "exact_match", "realm", "closed_book")]["questions"] == 2  # the readers' sample
     results["config"] = {"quick": True, "reader_questions": 2, "passage_tokens": 256, "threads": 1}
     report = markdown_report(results)
+    assert "| tiny | zero_shot_recall_at_5 | realm - ict |" in report
     assert all(f"| {name} |" in report for name in expected | {"closed_book"})
     assert "tiny by source" in report and "tiny2 by source" not in report  # per-source table only with several sources
     png = plot_recall_curves(results, tmp_path / "curve.png")
@@ -146,3 +156,17 @@ def _check_mlflow_run(results: dict, png, tmp_path) -> None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_paired_comparisons_pair_the_papers_systems_on_the_same_questions() -> None:
+    from bench.quality import paired_comparisons
+
+    better, worse = np.array([1.0, 1, 1, 0, 1, 1, 0, 1]), np.array([0.0, 1, 0, 0, 1, 0, 0, 1])
+    scores = {("set", "realm_pretrained", "zero_shot_recall_at_5"): better, ("set", "ict", "zero_shot_recall_at_5"): worse,
+              ("set", "realm_finetuned", "exact_match"): worse[:4], ("set", "closed_book", "exact_match"): worse[:4]}
+    rows = {(c["metric"], c["a"], c["b"]): c for c in paired_comparisons(scores, seed=0)}
+    assert set(rows) == {("zero_shot_recall_at_5", "realm", "ict"), ("exact_match", "realm", "closed_book")}  # only pairs scored
+    r5 = rows[("zero_shot_recall_at_5", "realm", "ict")]
+    assert (r5["a_score"], r5["b_score"], r5["diff"]) == (75.0, 37.5, 37.5) and r5["ci_low"] > 0
+    em = rows[("exact_match", "realm", "closed_book")]
+    assert em["diff"] == em["ci_low"] == em["ci_high"] == 0.0
