@@ -90,12 +90,14 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
     name: Annotated[str | None, typer.Option("--name", help="experiment name (implies dvc exp run)")] = None,
     temp: Annotated[bool, typer.Option("--temp", help="run the experiment in a temporary copy; the workspace stays as it is")] = False,
+    profile: Annotated[str | None, typer.Option("--profile", help="profiles/<name>.yaml: its keys become -S overrides (a DVC experiment), e.g. quality")] = None,
 ) -> None:
     """Run the pipeline: only stale stages run (DVC), one MLflow parent run, a nested run per stage."""
     root = configure()
-    from flows.pipeline import PipelineError, check_overrides, pipeline_flow
+    from flows.pipeline import PipelineError, check_overrides, pipeline_flow, profile_overrides
 
     try:
+        set_params = [*(profile_overrides(root, profile) if profile else []), *(set_params or [])]  # an explicit -S wins
         check_overrides(root / "params.yaml", set_params or [])  # fail before Prefect starts
         result = pipeline_flow(set_params=set_params or [], force=force, name=name, root=str(root), temp=temp)
     except (*_user_errors(), PipelineError) as exc:

@@ -54,6 +54,26 @@ def check_overrides(params_file: Path, overrides: list[str]) -> None:
         raise ParamsError(f"-S {' -S '.join(overrides)}: {exc}") from None
 
 
+PROFILES_DIR = "profiles"
+
+
+def profile_overrides(root: Path, name: str) -> list[str]:
+    """`profiles/<name>.yaml` (the sections of params.yaml, only the keys that differ) as
+    `section.key=value` overrides: a profile runs as a DVC experiment, versioned like any -S."""
+    path = root / PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
+        raise ParamsError(f"{path}: no such profile; the profiles are {', '.join(known) or 'none'} (files in {root / PROFILES_DIR})")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ParamsError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path}:1: a profile is a mapping of params.yaml sections, got {type(tree).__name__}")
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}" for key, value in flatten(tree).items()]
+
+
 def dvc_command(overrides: list[str], force: bool, name: str | None, temp: bool = False) -> list[str]:
     """argv for DVC (never a shell string: params values reach DVC as separate arguments).
 
