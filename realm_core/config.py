@@ -36,6 +36,9 @@ class CorpusParams(_Section):
     qa_dev_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     qa_train: str | None = None
     qa_dev: str | None = None
+    qa_train_extra: list[str] = Field(default_factory=list, description=(
+        "question files (any format questions.read_questions reads) added to the fine-tuning questions, cloze or qa_train; "
+        "questions whose answer is nowhere in the corpus give ORQA's marginal no signal, so they are allowed"))
     shards: int = Field(2, ge=1, description="corpus preprocessing and block embedding map over this many shards")
 
 

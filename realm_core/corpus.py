@@ -466,13 +466,17 @@ def finish_corpus(
         raise InputError("params.yaml corpus: give both qa_train and qa_dev (NQ-open JSONL paths) or neither (cloze questions from the corpus)")
     if not blocks:
         raise InputError(f"corpus.source={params.source!r}: no blocks were produced; check the input passages")
-    from realm_core.questions import load_qa_files, make_cloze_questions  # questions builds on this module
+    from realm_core.questions import load_extra_questions, load_qa_files, make_cloze_questions  # questions builds on this module
 
     if params.qa_train is not None and params.qa_dev is not None:
         train, dev = load_qa_files(params.qa_train, params.qa_dev, root)
         qa_stats: dict[str, float] = {"qa_train": len(train), "qa_dev": len(dev)}
     else:
         blocks, train, dev, qa_stats = make_cloze_questions(blocks, params.qa_fraction, params.qa_dev_fraction, seed)
+    if params.qa_train_extra:
+        extra = load_extra_questions(params.qa_train_extra, root)
+        train = [*train, *extra]
+        qa_stats = {**qa_stats, "qa_train_extra": len(extra), "qa_train": len(train)}
     blocks = number_blocks(blocks)
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "blocks.jsonl", blocks)

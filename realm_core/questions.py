@@ -177,6 +177,17 @@ def load_qa_files(qa_train: str, qa_dev: str, root: Path | None = None) -> tuple
     return out[0], out[1]
 
 
+def load_extra_questions(files: list[str], root: Path | None = None) -> list[dict[str, Any]]:
+    """`corpus.qa_train_extra`: every file's questions as NQ-open rows, in order."""
+    out = []
+    for value in files:
+        path = resolve_input(value, root)
+        if not path.is_file():
+            raise InputError(f"{path}: corpus.qa_train_extra file not found; give question files (.jsonl, .tsv/.csv, .txt, SQuAD .json/.zip) or []")
+        out += [{"question": q.question, "answer": list(q.answers)} for q in read_questions(path)]
+    return out
+
+
 # ============================================================================ question files
 
 

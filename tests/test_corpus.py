@@ -285,6 +285,19 @@ def test_given_question_files_replace_cloze(blocks, tokenizer, tmp_path: Path) -
         finish_corpus(blocks, CorpusParams(qa_train=str(qa)), tokenizer, 0, tmp_path / "o3", 48)
 
 
+def test_extra_question_files_are_added_to_the_cloze_training_questions_only(blocks, tokenizer, tmp_path: Path) -> None:
+    nq = _write(tmp_path, "nq.jsonl", '{"question": "who wrote hamlet", "answer": ["Shakespeare"]}\n{"question": "capital of peru", "answer": ["Lima"]}\n')
+    dpr = _write(tmp_path, "wq.qa.csv", "where is rome\t['Italy']\n")
+    cloze = finish_corpus(blocks, CorpusParams(qa_fraction=0.3), tokenizer, 4, tmp_path / "cloze", n_passages=48)
+    stats = finish_corpus(blocks, CorpusParams(qa_fraction=0.3, qa_train_extra=[str(nq), str(dpr)]), tokenizer, 4, tmp_path / "out", n_passages=48)
+    assert stats["qa_train_extra"] == 3 and stats["qa_train"] == cloze["qa_train"] + 3 and stats["qa_dev"] == cloze["qa_dev"]
+    questions = [q.question for q in load_questions(tmp_path / "out" / "qa_train.jsonl")]
+    assert questions[-3:] == ["who wrote hamlet", "capital of peru", "where is rome"]
+    assert "where is rome" not in {q.question for q in load_questions(tmp_path / "out" / "qa_dev.jsonl")}
+    with pytest.raises(InputError, match="missing.jsonl: corpus.qa_train_extra file not found"):
+        finish_corpus(blocks, CorpusParams(qa_train_extra=[str(tmp_path / "missing.jsonl")]), tokenizer, 4, tmp_path / "o4", 48)
+
+
 def test_build_corpus_from_jsonl(tokenizer, tmp_path: Path) -> None:
     rows = [
         {"id": i, "title": city, "text": f"{city} is a city in {country}. It was founded in {year} by settlers. {person} lived in {city}."}
