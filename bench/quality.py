@@ -4,7 +4,8 @@
     .venv/bin/python bench/quality.py --quick    # small subsets and 1 ICT step (a smoke test, ~2 min)
 
 Benchmarks (realm_core/benchmarks.py; real public data from ../shared/data):
-  squad_open    the 2,067 SQuAD v1.1 dev paragraphs, its 10,570 questions
+  squad_open    the 2,067 SQuAD v1.1 dev paragraphs, the questions of the test half of its articles
+                (benchmarks.squad_article_half; the train half is for fine-tuning: bench/training_questions.py)
   vital_linked  696 NQ / WebQuestions / CuratedTREC / SQuAD questions linked to a vital-article
                 passage, over those 480 passages plus a seeded sample of other vital passages
 Each passage is one retrieval unit (not re-blocked); dense encoders read `[CLS] title [SEP]
@@ -414,9 +415,9 @@ def main() -> None:
     settings = Settings(reader_questions=20 if args.quick else args.reader_questions, reinit_ict_steps=1 if args.quick else None)
     started = time.perf_counter()
     if args.quick:
-        benchmarks = [squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed), vital_linked(args.data, 150, params.seed, max_questions=50)]
+        benchmarks = [squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test"), vital_linked(args.data, 150, params.seed, max_questions=50)]
     else:
-        benchmarks = [squad_open(args.data), vital_linked(args.data, args.vital_passages, params.seed)]
+        benchmarks = [squad_open(args.data, half="test"), vital_linked(args.data, args.vital_passages, params.seed)]
     models = Models.workspace(ROOT, params)
     results = run(benchmarks, models, params, settings)
     results["config"] = {"quick": args.quick, "vital_passages": len(benchmarks[1].passages), "reader_questions": settings.reader_questions,

@@ -145,6 +145,59 @@ def read_pyserini_corpus(path: str | Path) -> list[Passage]:
     return passages
 
 
+# ============================================================================ training questions
+
+SQUAD_SPLIT_SEED = 0  # the article split is fixed: it must never move with a run's seed
+# Real training splits (../shared/data): none of them is an evaluation set of bench/quality.py.
+# DPR's NQ "dev" is carved from NQ *train* (NQ-open dev, the papers' NQ test, stays out);
+# CuratedTREC's train answers are regexes, which cannot locate a training span, so it stays out.
+TRAINING_FILES = ("nq_open/dpr_nq_dev.jsonl", "webquestions/drqa_WebQuestions-train.txt")
+EVALUATION_FILES = (*(name for name, _ in VITAL_LINKED.values()), "nq_open/NQ-open.dev.jsonl", "webquestions/dpr_wq_test.jsonl",
+                    "curatedtrec/dpr_curated_test.jsonl")
+
+
+def squad_article(question: QAExample) -> str:
+    """The SQuAD article of a question: its gold paragraph id `squad-dev-AA-PPP` without the paragraph."""
+    if not question.gold_ids:
+        raise InputError(f"SQuAD question {question.question!r} has no gold paragraph id; read it with read_squad")
+    return question.gold_ids[0].rsplit("-", 1)[0]
+
+
+def squad_article_half(questions: Sequence[QAExample], half: str) -> list[QAExample]:
+    """SQuAD questions split *by article* into two fixed halves ("train" or "test"): a question's
+    paragraph and its article's other paragraphs are on one side only, so a reader trained on one
+    half is scored on text it never saw questions about (never split SQuAD by row)."""
+    if half not in ("train", "test"):
+        raise ValueError(f"half must be 'train' or 'test', got {half!r}")
+    articles = sorted({squad_article(q) for q in questions})
+    random.Random(SQUAD_SPLIT_SEED).shuffle(articles)
+    test = set(articles[: len(articles) // 2])
+    return [q for q in questions if (squad_article(q) in test) == (half == "test")]
+
+
+def _question_key(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip("?").strip()
+
+
+def training_questions(data_dir: Path) -> tuple[list[QAExample], dict[str, int]]:
+    """Real training questions for fine-tuning (`corpus.qa_train_extra`): TRAINING_FILES plus the
+    SQuAD dev train half, minus any question whose text is in an evaluation set (the vital-linked
+    sets draw on SQuAD dev too); with the count from each source."""
+    data_dir = Path(data_dir)
+    held = {_question_key(q.question) for name in EVALUATION_FILES for q in read_questions(data_dir / name, regex="trec" in name)}
+    _, squad = read_squad(data_dir / SQUAD_ZIP)
+    held |= {_question_key(q.question) for q in squad_article_half(squad, "test")}
+    sources = {name: read_questions(data_dir / name) for name in TRAINING_FILES}
+    sources["squad_open/dev-v1.1.json.zip (train half of the articles)"] = squad_article_half(squad, "train")
+    out, counts = [], {}
+    for name, questions in sources.items():
+        kept = [q for q in questions if _question_key(q.question) not in held]
+        counts[name] = len(kept)
+        counts[f"{name} (dropped: also an evaluation question)"] = len(questions) - len(kept)
+        out += kept
+    return out, counts
+
+
 # ============================================================================ benchmarks
 
 
@@ -159,10 +212,14 @@ def with_distractors(passages: Sequence[Passage], keep: set[str], total: int, se
     return [p for i, p in enumerate(passages) if p.id in keep or i in picked]
 
 
-def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0) -> Benchmark:
-    """SQuAD-open from the original SQuAD v1.1 dev release; optionally a seeded subset of the
-    questions over their gold paragraphs plus random others up to `max_passages` (quick runs)."""
+def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0, half: str | None = None) -> Benchmark:
+    """SQuAD-open from the original SQuAD v1.1 dev release; optionally only one `half` of its
+    articles (squad_article_half: "test" when the reader trained on the other), and a seeded subset
+    of the questions over their gold paragraphs plus random others up to `max_passages` (quick runs).
+    The corpus is every paragraph either way."""
     passages, questions = read_squad(Path(data_dir) / SQUAD_ZIP)
+    if half is not None:
+        questions = squad_article_half(questions, half)
     if max_questions is not None and max_questions < len(questions):
         questions = random.Random(seed).sample(questions, max_questions)
     if max_passages is not None:
