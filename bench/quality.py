@@ -4,6 +4,7 @@
     .venv/bin/python bench/quality.py --quick    # small subsets and 1 ICT step (a smoke test, ~2 min)
 
 Benchmarks (realm_core/benchmarks.py; real public data from ../shared/data):
+  cloze         the pipeline's own held-out cloze questions (data/corpus/qa_dev.jsonl) over its blocks
   squad_open    the 2,067 SQuAD v1.1 dev paragraphs, the questions of the test half of its articles
                 (benchmarks.squad_article_half; the train half is for fine-tuning: bench/training_questions.py)
   vital_linked  696 NQ / WebQuestions / CuratedTREC / SQuAD questions linked to a vital-article
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from realm_core.benchmarks import Benchmark, answer_sets, gold_sets, hit_table, squad_open, vital_linked  # noqa: E402
+from realm_core.benchmarks import Benchmark, answer_sets, cloze, gold_sets, hit_table, squad_open, vital_linked  # noqa: E402
 from realm_core.blocks import Block, BlockStore, embed_blocks, pad_batch, query_batch  # noqa: E402
 from realm_core.bm25 import bm25_retrieve  # noqa: E402
 from realm_core.config import Params, load_params  # noqa: E402
@@ -418,6 +419,9 @@ def main() -> None:
         benchmarks = [squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test"), vital_linked(args.data, 150, params.seed, max_questions=50)]
     else:
         benchmarks = [squad_open(args.data, half="test"), vital_linked(args.data, args.vital_passages, params.seed)]
+    corpus_dir = ROOT / "data" / "corpus"
+    if (corpus_dir / "qa_dev.jsonl").is_file():  # the pipeline's own held-out cloze questions, over its own blocks
+        benchmarks.insert(0, cloze(corpus_dir / "blocks.jsonl", corpus_dir / "qa_dev.jsonl", 100 if args.quick else None, params.seed))
     models = Models.workspace(ROOT, params)
     results = run(benchmarks, models, params, settings)
     results["config"] = {"quick": args.quick, "vital_passages": len(benchmarks[1].passages), "reader_questions": settings.reader_questions,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LABELS = {"squad_open": "SQuAD-open", "vital_linked": "vital-linked"}
+LABELS = {"cloze": "cloze (held out)", "squad_open": "SQuAD-open", "vital_linked": "vital-linked"}
 SOURCES = {"nq": "NQ", "wq": "WQ", "trec": "CT (regex)", "squad": "SQuAD"}
 
 

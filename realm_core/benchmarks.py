@@ -1,6 +1,8 @@
 """Open-QA benchmarks over real public data: SQuAD v1.1, Pyserini corpora, and the two benchmarks
 of `bench/quality.py` (each passage is one retrieval unit; relevance by gold id or by answer).
 
+    cloze         the pipeline's held-out cloze questions over its own blocks (gold: the blocks of
+                  the article the question names)
     SQuAD-open    the 2,067 SQuAD v1.1 dev paragraphs as the corpus, its 10,570 questions
                   (Chen et al. 2017's setting, as ORQA Table 4 over the dev paragraphs only);
                   the gold passage of a question is the paragraph it was written on.
@@ -210,6 +212,25 @@ def with_distractors(passages: Sequence[Passage], keep: set[str], total: int, se
     others = [i for i, p in enumerate(passages) if p.id not in keep]
     picked = set(random.Random(seed).sample(others, max(0, min(len(others), total - len(keep)))))
     return [p for i, p in enumerate(passages) if p.id in keep or i in picked]
+
+
+def cloze(blocks: Path, questions: Path, max_questions: int | None = None, seed: int = 0) -> Benchmark:
+    """The pipeline's held-out cloze questions (data/corpus/qa_dev.jsonl: sentences removed from the
+    corpus before any training) over its own blocks (data/corpus/blocks.jsonl). A question names
+    its article in its trailing "(title)"; the gold passages are that article's blocks."""
+    rows = [row for _, row in read_jsonl(blocks)]
+    passages = [Passage(str(row["id"]), row["title"], row["text"]) for row in rows]
+    by_title: dict[str, list[str]] = {}
+    for p in passages:
+        by_title.setdefault(p.title, []).append(p.id)
+    loaded = read_questions(questions)
+    if max_questions is not None and max_questions < len(loaded):
+        loaded = random.Random(seed).sample(loaded, max_questions)
+    out = []
+    for q in loaded:
+        title = q.question[q.question.rfind("(") + 1 : -1] if q.question.endswith(")") else ""
+        out.append(QAExample(q.question, q.answers, False, tuple(by_title.get(title, ())), q.id))
+    return Benchmark("cloze", passages, out, ["cloze"] * len(out))
 
 
 def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0, half: str | None = None) -> Benchmark:

@@ -170,3 +170,18 @@ def test_paired_comparisons_pair_the_papers_systems_on_the_same_questions() -> N
     assert (r5["a_score"], r5["b_score"], r5["diff"]) == (75.0, 37.5, 37.5) and r5["ci_low"] > 0
     em = rows[("exact_match", "realm", "closed_book")]
     assert em["diff"] == em["ci_low"] == em["ci_high"] == 0.0
+
+
+def test_cloze_benchmark_takes_the_named_articles_blocks_as_gold(tmp_path) -> None:
+    import json
+
+    from realm_core.benchmarks import cloze, gold_sets
+
+    blocks = [{"id": 0, "title": "Paris", "text": "Paris is on the Seine."}, {"id": 1, "title": "Rome", "text": "Rome has seven hills."},
+              {"id": 2, "title": "Paris", "text": "The Louvre is in Paris."}]
+    (tmp_path / "blocks.jsonl").write_text("".join(json.dumps(b) + "\n" for b in blocks))
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "It is the capital of [MASK]. (Paris)", "answer": ["France"]}) + "\n"
+                                       + json.dumps({"question": "no title here [MASK].", "answer": ["x"]}) + "\n")
+    bench = cloze(tmp_path / "blocks.jsonl", tmp_path / "qa.jsonl")
+    assert bench.name == "cloze" and [p.id for p in bench.passages] == ["0", "1", "2"]
+    assert gold_sets(bench) == [{0, 2}, set()]
