@@ -7,7 +7,7 @@ the whole corpus with the current Embed_doc, so its cost bounds how fresh the in
 params.yaml `index.embed_precision` picks it; "auto" chooses from the hardware:
 
     CPU with avx512_bf16 or amx_bf16   bf16  a bfloat16 copy of the tower (oneDNN's bf16 / AMX matmuls)
-    other x86 CPU with avx2            int8  dynamic int8 quantisation of every nn.Linear (fbgemm)
+    other x86 CPU with avx2            int8  dynamic int8 quantisation of every nn.Linear, weights per channel (fbgemm)
     other CPU                          fp32  the tower itself
     CUDA                               bf16 if the GPU supports it, else fp16
 
@@ -79,5 +79,6 @@ def embedding_tower(embedder: nn.Module, kernel: str) -> nn.Module:
     if kernel == "int8":
         with warnings.catch_warnings():  # torch 2.13 points eager quantisation users to torchao, whose CPU int8 needs torch.compile
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(embedder), {nn.Linear}, dtype=torch.qint8)
+            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per output row: 6-layer MiniLM cosine to fp32 0.97 (per tensor 0.89)
+            return torch.ao.quantization.quantize_dynamic(copy.deepcopy(embedder), {nn.Linear: qconfig})
     raise ValueError(f"unknown embedding kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
