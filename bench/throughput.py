@@ -14,8 +14,19 @@ Sections:
                 FLOPs(block of n tokens) = layers * (2 * (4 h^2 + 2 h f) * n + 4 h n^2)
             (2 FLOPs per multiply-add; Q, K, V, O are 4 h x h matmuls and the FFN 2 h x f ones;
             attention's QK^T and AV are 2 h n FLOPs each per token; embeddings, LayerNorm, GELU,
-            softmax, the pooler and the h -> 128 projection are not counted), and (b)
-            sentence-transformers' `encode` on the same weights and the same wordpieces.
+            softmax, the pooler and the h -> 128 projection are not counted), and the same against
+            a large bf16 matmul (AMX / AVX-512 bf16 where the CPU has them), both measured in every
+            repeat beside the embeddings (the best of all is the limit), and (b)
+            sentence-transformers' `encode` (fp32) on the same weights and the same wordpieces.
+            One row per embedding kernel (--precisions, realm_core/precision.py: fp32, a bf16 copy
+            of the tower, an int8 dynamically quantised copy), all interleaved with `encode`; the
+            kernel index.embed_precision resolves to is the default path (embed.doc.*, embed.backbone.*,
+            embed_vs_sentence_transformers). Then gold-paragraph recall@1/5/20 on SQuAD-open
+            (../shared/data) of the pipeline's retriever and of MiniLM whole, each kernel embedding
+            the paragraphs (precision_recall).
+            An AVX2-only CPU can be emulated (torch's and oneDNN's kernels; fbgemm's int8 cannot be limited):
+                ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+                python bench/throughput.py --sections embed --precisions fp32 int8 --as-default int8 --out ...
   pretrain  REALM pre-training (realm_core.pretrain.pretrain) from the ICT artefacts, steps/s with
             the asynchronous index builder vs the synchronous refresh (refresh.make_refresher), and
             the share of the trainer's time spent waiting for the index:
@@ -60,8 +71,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from realm_core.blocks import BlockStore, embed_blocks  # noqa: E402
 from realm_core.config import Params, load_params  # noqa: E402
 from realm_core.modeling import Embedder, backbone_dir, load_bert, load_embedder, load_tokenizer  # noqa: E402
+from realm_core.precision import BF16_FLAGS, HALF, KERNELS, cpu_flags, resolve_embed_precision  # noqa: E402
 
 CPU = torch.device("cpu")
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # recorded when set (emulated CPUs)
 SECTIONS = ("embed", "pretrain", "finetune", "stages")
 
 
@@ -115,11 +128,11 @@ class Gate:
 # ---------------------------------------------------------------------------- the GEMM limit and the encoder's FLOPs
 
 
-def gemm_flops_per_second(n: int, repeats: int) -> float:
-    """FLOP/s of an n x n x n fp32 matmul at the current thread count (best of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)  # warm-up: MKL picks its kernels, pages are touched
+def gemm_flops_per_second(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` at the current thread count (best of `repeats`)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: MKL / oneDNN pick their kernels, pages are touched
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -181,8 +194,15 @@ def embed_rows(args: argparse.Namespace, params: Params, gate: Gate, out: dict) 
     batch = params.pretrain.embed_batch_size
     texts = [f"{b.title} {tokenizer.sep_token} {b.text}" for b in store.blocks]  # the same wordpieces as doc_sequence
     same_ids = sum(ids == store.doc_sequence(i)[0] for i, ids in enumerate(tokenizer(texts, add_special_tokens=True)["input_ids"]))
-    gemm, gemm_m = gate.measure("gemm", lambda: gemm_flops_per_second(args.gemm_size, args.gemm_repeats))
-    out["gemm"] = {"n": args.gemm_size, "flops_per_second": gemm, **{f"measure_{k}": v for k, v in gemm_m.items()}}
+    default = args.as_default or resolve_embed_precision(params.index.embed_precision, CPU)
+    kernels = list(dict.fromkeys([*args.precisions, default]))
+    # measured in every repeat beside the embeddings; the best of all is the limit. bf16 only when a bf16 kernel runs:
+    # without bf16 instructions (an emulated AVX2 CPU) a bf16 matmul falls back to a reference kernel that takes minutes
+    limits: dict[str, list] = {"fp32": [], **({"bf16": []} if "bf16" in kernels else {})}
+
+    def measure_limits() -> None:
+        for name in limits:
+            limits[name].append(gate.measure(f"gemm {name}", lambda name=name: gemm_flops_per_second(args.gemm_size, args.gemm_repeats, HALF.get(name, torch.float32))))
     torch.manual_seed(params.seed)
     models = {
         "doc embedder (pipeline)": load_embedder(args.doc),
@@ -194,54 +214,146 @@ def embed_rows(args: argparse.Namespace, params: Params, gate: Gate, out: dict) 
         st = sentence_transformer_twin(embedder, backbone, params.corpus.max_block_tokens)
         useful = encoder_flops(c.hidden_size, c.intermediate_size, c.num_hidden_layers, lengths)
         padded = encoder_flops(c.hidden_size, c.intermediate_size, c.num_hidden_layers, padded_lengths(lengths, batch))
-        ours_runs, st_runs = [], []
-        for _ in range(args.repeats):  # interleaved, best of each: both see the same machine
-            ours, m = gate.measure(f"embed {name}", lambda: embed_blocks(embedder, store, CPU, batch, progress=None))
-            ours_runs.append(m)
+        ours_runs: dict[str, list] = {k: [] for k in kernels}
+        ours: dict[str, np.ndarray] = {}
+        st_runs = []
+        for _ in range(args.repeats):  # interleaved, best of each: all see the same machine
+            measure_limits()
+            for k in kernels:  # the kernel's copy of the weights (bf16 cast / int8 quantisation) is made inside, so it is timed
+                ours[k], m = gate.measure(f"embed {name} {k}", lambda k=k: embed_blocks(embedder, store, CPU, batch, progress=None, precision=k))
+                ours_runs[k].append(m)
             theirs, m = gate.measure(f"st.encode {name}", lambda: st.encode(texts, batch_size=batch, convert_to_numpy=True))
             st_runs.append(m)
-        best, st_best = min(ours_runs, key=lambda m: m["seconds"]), min(st_runs, key=lambda m: m["seconds"])
-        cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
-        rows.append({
-            "model": name, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "blocks": len(store),
-            "real_tokens": int(lengths.sum()), "padding_fraction": 1 - lengths.sum() / padded_lengths(lengths, batch).sum(),
-            "batch_size": batch, "seconds": best["seconds"], "load_before": best["load_before"], "others_cores": best["others_cores"],
-            "blocks_per_second": len(store) / best["seconds"], "tokens_per_second": lengths.sum() / best["seconds"],
-            "useful_flops": useful, "padded_flops": padded, "flops_per_second": useful / best["seconds"],
-            "ratio_to_gemm_limit": useful / best["seconds"] / gemm,
-            "st_seconds": st_best["seconds"], "st_load_before": st_best["load_before"], "st_others_cores": st_best["others_cores"],
-            "ratio_to_sentence_transformers": st_best["seconds"] / best["seconds"],
-            "ratio_to_sentence_transformers_with_tokenising": st_best["seconds"] / (best["seconds"] + tok_m["seconds"]),
-            "st_same_wordpieces": int(same_ids), "st_same_model_max_abs_diff": same_model_check(embedder, st, texts[:8]),
-            "st_cosine_min": float(cosine.min()),
-            "all_seconds": [m["seconds"] for m in ours_runs], "st_all_seconds": [m["seconds"] for m in st_runs],
-        })
-    out["embed"] = {"tokenise_seconds": tok_m["seconds"], "rows": rows}
+        st_best = min(st_runs, key=lambda m: m["seconds"])
+        reference = ours.get("fp32")
+        for k in kernels:
+            best = min(ours_runs[k], key=lambda m: m["seconds"])
+            rows.append({
+                "model": name, "precision": k, "default": k == default, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "blocks": len(store),
+                "real_tokens": int(lengths.sum()), "padding_fraction": 1 - lengths.sum() / padded_lengths(lengths, batch).sum(),
+                "batch_size": batch, "seconds": best["seconds"], "load_before": best["load_before"], "others_cores": best["others_cores"],
+                "blocks_per_second": len(store) / best["seconds"], "tokens_per_second": lengths.sum() / best["seconds"],
+                "useful_flops": useful, "padded_flops": padded, "flops_per_second": useful / best["seconds"],
+                "st_seconds": st_best["seconds"], "st_load_before": st_best["load_before"], "st_others_cores": st_best["others_cores"],
+                "ratio_to_sentence_transformers": st_best["seconds"] / best["seconds"],
+                "ratio_to_sentence_transformers_with_tokenising": st_best["seconds"] / (best["seconds"] + tok_m["seconds"]),
+                "st_same_wordpieces": int(same_ids), "st_same_model_max_abs_diff": same_model_check(embedder, st, texts[:8]),
+                "st_cosine_min": float(cosine_rows(ours[k], theirs).min()),
+                "cosine_to_fp32_min": float(cosine_rows(ours[k], reference).min()) if reference is not None else None,
+                "all_seconds": [m["seconds"] for m in ours_runs[k]], "st_all_seconds": [m["seconds"] for m in st_runs],
+            })
+    top = {name: max(runs, key=lambda r: r[0]) for name, runs in limits.items()}
+    bf16_limit = top["bf16"][0] if "bf16" in top else None
+    for r in rows:
+        r["ratio_to_gemm_limit"] = r["flops_per_second"] / top["fp32"][0]
+        r["ratio_to_bf16_gemm_limit"] = r["flops_per_second"] / bf16_limit if bf16_limit else None
+    out["gemm"] = {"n": args.gemm_size, "flops_per_second": top["fp32"][0], "bf16_flops_per_second": bf16_limit,
+                   **{f"measure_{k}": v for k, v in top["fp32"][1].items()}, **{f"bf16_measure_{k}": v for k, v in top.get("bf16", (0, {}))[1].items()},
+                   **{f"{'' if name == 'fp32' else name + '_'}all_flops_per_second": [f for f, _ in runs] for name, runs in limits.items()}}
+    out["embed"] = {"tokenise_seconds": tok_m["seconds"], "default_precision": default, "requested_precision": params.index.embed_precision,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_cpu_flags": sorted(BF16_FLAGS & cpu_flags()),
+                    "isa_env": {v: os.environ[v] for v in ISA_ENV if v in os.environ}, "rows": rows}
     for r in rows:
         key = "doc" if r["model"].startswith("doc") else "backbone"
-        out["ratios"][f"embed.{key}.achieved_over_gemm_limit"] = r["ratio_to_gemm_limit"]
-        out["ratios"][f"embed.{key}.ours_over_sentence_transformers"] = r["ratio_to_sentence_transformers"]
-        out["ratios"][f"embed.{key}.ours_with_tokenising_over_sentence_transformers"] = r["ratio_to_sentence_transformers_with_tokenising"]
+        for name in (f"{key}.{r['precision']}", *([key] if r["default"] else [])):  # embed.doc.* = the default path
+            out["ratios"][f"embed.{name}.achieved_over_gemm_limit"] = r["ratio_to_gemm_limit"]
+            if r["ratio_to_bf16_gemm_limit"] is not None:
+                out["ratios"][f"embed.{name}.achieved_over_bf16_gemm_limit"] = r["ratio_to_bf16_gemm_limit"]
+            out["ratios"][f"embed.{name}.ours_over_sentence_transformers"] = r["ratio_to_sentence_transformers"]
+            out["ratios"][f"embed.{name}.ours_with_tokenising_over_sentence_transformers"] = r["ratio_to_sentence_transformers_with_tokenising"]
+    default_ratios = [r["ratio_to_sentence_transformers"] for r in rows if r["default"]]
+    out["ratios"]["embed_vs_sentence_transformers"] = max(default_ratios)  # the better model's default path; the other is beside it
+    out["ratios"]["embed_vs_sentence_transformers_worst_model"] = min(default_ratios)
+    if args.recall:
+        out["embed"]["recall"] = precision_recall(args, params, kernels, tokenizer)  # differences, not ratios: kept out of "ratios"
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def precision_recall(args: argparse.Namespace, params: Params, kernels: list[str], tokenizer) -> dict:
+    """Gold-paragraph recall@k on SQuAD-open (real data, ../shared/data) with each kernel embedding
+    the 2,067 paragraphs; the questions are embedded once, in fp32 (only index builds use the
+    kernel). Two retrievers: the pipeline's (data/pretrain/retriever, 2 layers, trained on the
+    vital corpus only) and all-MiniLM-L6-v2 whole as one shared tower (mean pooling, identity
+    projection, LayerNorm), a strong retriever. Paragraphs are cut to 256 wordpieces, as in bench/quality.py."""
+    from bench.quality import dense_rankings, embed_questions, passage_store
+    from realm_core.benchmarks import gold_sets, hit_table, squad_open
+    from realm_core.metrics import recall_at_k
+
+    ks = [1, 5, 20]
+    if not args.shared_data.is_dir():
+        return {"skipped": f"{args.shared_data} is absent", "rows": []}
+    squad = squad_open(args.shared_data, max_questions=args.recall_questions, max_passages=args.recall_passages, seed=params.seed)
+    store = passage_store(squad, tokenizer)
+    gold = gold_sets(squad)
+    retrievers = {
+        "pipeline retriever": (load_embedder(args.pretrained / "retriever" / "query"), load_embedder(args.pretrained / "retriever" / "doc")),
+        "MiniLM whole": (minilm := minilm_embedder(backbone_dir(args.backbone or params.model.backbone)), minilm),
+    }
+    rows = []
+    for name, (query, doc) in retrievers.items():
+        questions = embed_questions(query, store, squad.questions, params.model.max_query_tokens, params.pretrain.embed_batch_size)  # [Q, d]
+        recall = {}
+        for k in kernels:
+            docs = embed_blocks(doc, store, CPU, params.pretrain.embed_batch_size, progress=None, precision=k)  # [P, d]
+            recall[k] = {str(n): 100.0 * v for n, v in zip(ks, recall_at_k(hit_table(dense_rankings(docs, questions, max(ks)), gold), ks).values())}
+        fp32 = recall.get("fp32")
+        rows += [{"retriever": name, "precision": k, "recall": recall[k], "recall_at_5_minus_fp32": recall[k]["5"] - fp32["5"] if fp32 else None} for k in kernels]
+    return {"benchmark": "squad_open", "passages": len(store), "questions": len(squad.questions), "ks": ks, "rows": rows}
+
+
+def minilm_embedder(backbone: Path) -> Embedder:
+    """The whole backbone as an Embedder that ranks like all-MiniLM-L6-v2: mean pooling, identity projection."""
+    bert = load_bert(backbone)
+    h = bert.config.hidden_size
+    embedder = Embedder(bert, h, "mean")
+    with torch.no_grad():
+        embedder.projection.weight.copy_(torch.eye(h))
+        embedder.projection.bias.zero_()
+    return embedder
+
+
+def _giga(flops: float | None) -> str:
+    return "not measured" if flops is None else f"{flops / 1e9:.1f}"
+
+
+def _share(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.1%}"
 
 
 def print_embed(out: dict) -> None:
-    g = out["gemm"]
-    print(f"\n### Block embedding vs the GEMM limit and sentence-transformers\n\nGEMM limit: torch.mm {g['n']}x{g['n']} fp32 = "
-          f"{g['flops_per_second'] / 1e9:.1f} GFLOP/s at {out['meta']['threads']} threads (load before {g['measure_load_before']:.2f}). "
-          f"Tokenising the blocks once (BlockStore): {out['embed']['tokenise_seconds']:.2f} s.\n")
-    print("| model | layers | blocks | real tokens | padding | seconds | blocks/s | tokens/s | useful GFLOP/s | of GEMM limit "
-          "| ST encode s | ours / ST speed | incl. tokenising | load before | others' cores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in out["embed"]["rows"]:
-        print(f"| {r['model']} | {r['layers']} | {r['blocks']} | {r['real_tokens']} | {r['padding_fraction']:.1%} | {r['seconds']:.2f} "
-              f"| {r['blocks_per_second']:.1f} | {r['tokens_per_second']:.0f} | {r['flops_per_second'] / 1e9:.1f} | {r['ratio_to_gemm_limit']:.1%} "
+    g, e = out["gemm"], out["embed"]
+    print(f"\n### Block embedding vs the GEMM limits and sentence-transformers\n\nGEMM limits: torch.mm {g['n']}x{g['n']} fp32 = "
+          f"{g['flops_per_second'] / 1e9:.1f} GFLOP/s, bf16 = {_giga(g['bf16_flops_per_second'])} GFLOP/s at {out['meta']['threads']} threads "
+          f"(load before {g['measure_load_before']:.2f}). Tokenising the blocks once (BlockStore): {e['tokenise_seconds']:.2f} s. "
+          f"index.embed_precision={e['requested_precision']} resolves to **{e['default_precision']}** here (bf16 flags: "
+          f"{', '.join(e['bf16_cpu_flags']) or 'none'}; torch CPU capability {e['cpu_capability']}{'; ' + str(e['isa_env']) if e['isa_env'] else ''}).\n")
+    print("| model | kernel | layers | blocks | real tokens | padding | seconds | blocks/s | tokens/s | useful GFLOP/s | of fp32 GEMM | of bf16 GEMM "
+          "| ST encode s | ours / ST speed | incl. tokenising | cosine to fp32 | load before | others' cores |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in e["rows"]:
+        cos = "" if r["cosine_to_fp32_min"] is None else f"{r['cosine_to_fp32_min']:.4f}"
+        print(f"| {r['model']} | {r['precision']}{' (default)' if r['default'] else ''} | {r['layers']} | {r['blocks']} | {r['real_tokens']} "
+              f"| {r['padding_fraction']:.1%} | {r['seconds']:.2f} | {r['blocks_per_second']:.1f} | {r['tokens_per_second']:.0f} "
+              f"| {r['flops_per_second'] / 1e9:.1f} | {r['ratio_to_gemm_limit']:.1%} | {_share(r['ratio_to_bf16_gemm_limit'])} "
               f"| {r['st_seconds']:.2f} | {r['ratio_to_sentence_transformers']:.2f}x | {r['ratio_to_sentence_transformers_with_tokenising']:.2f}x "
-              f"| {r['load_before']:.2f} | {r['others_cores']:.2f} |")
-    for r in out["embed"]["rows"]:
-        print(f"\n{r['model']}: ST input = `title [SEP] text`, the same wordpieces for {r['st_same_wordpieces']}/{r['blocks']} blocks; "
-              f"same weights (max |diff| {r['st_same_model_max_abs_diff']:.1e} on identical inputs); ST has no segment ids, so body "
-              f"tokens get segment 0 (ours 1): cosine of the two embeddings >= {r['st_cosine_min']:.4f}.", end="")
+              f"| {cos} | {r['load_before']:.2f} | {r['others_cores']:.2f} |")
+    for r in e["rows"]:
+        if r["precision"] == e["rows"][0]["precision"]:
+            print(f"\n{r['model']}: ST input = `title [SEP] text`, the same wordpieces for {r['st_same_wordpieces']}/{r['blocks']} blocks; "
+                  f"same weights (max |diff| {r['st_same_model_max_abs_diff']:.1e} on identical inputs); ST has no segment ids, so body "
+                  f"tokens get segment 0 (ours 1): cosine of the two embeddings >= {r['st_cosine_min']:.4f}.", end="")
     print()
+    if (rec := e.get("recall")) and rec["rows"]:
+        print(f"\nRecall on {rec['benchmark']} ({rec['questions']} questions, {rec['passages']} paragraphs), gold paragraph; "
+              f"paragraphs embedded with each kernel, questions in fp32:\n")
+        print("| retriever | kernel | recall@1 | recall@5 | recall@20 | recall@5 - fp32 (points) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in rec["rows"]:
+            delta = "" if r["recall_at_5_minus_fp32"] is None else f"{r['recall_at_5_minus_fp32']:+.2f}"
+            print(f"| {r['retriever']} | {r['precision']} | {r['recall']['1']:.2f} | {r['recall']['5']:.2f} | {r['recall']['20']:.2f} | {delta} |")
 
 
 # ---------------------------------------------------------------------------- 2. pre-training: async vs sync refresh
@@ -440,6 +552,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="embedding runs per model (best of)")
     ap.add_argument("--gemm-size", type=int, default=2048)
     ap.add_argument("--gemm-repeats", type=int, default=10)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=KERNELS,
+                    help="embedding kernels to time (realm_core/precision.py); the default path (index.embed_precision) is always added")
+    ap.add_argument("--as-default", choices=KERNELS, help="count this kernel as the default path, e.g. int8 when emulating an AVX2-only "
+                    "CPU (ATEN_CPU_CAPABILITY=avx2), whose index.embed_precision=auto resolves to int8")
+    ap.add_argument("--no-recall", dest="recall", action="store_false", help="skip recall@k per kernel on SQuAD-open")
+    ap.add_argument("--recall-questions", type=int, help="seeded sample of the SQuAD-open questions (default: all 10,570)")
+    ap.add_argument("--recall-passages", type=int, help="their gold paragraphs plus seeded others up to this many (default: all 2,067)")
+    ap.add_argument("--shared-data", type=Path, default=ROOT.parent / "shared" / "data", help="the real public data (SQuAD-open for recall)")
     ap.add_argument("--pretrain-steps", type=int, default=40)
     ap.add_argument("--refresh-every", type=int, default=10)
     ap.add_argument("--questions", type=int, default=64, help="fine-tuning questions in each row")
@@ -455,6 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.gemm_size, args.gemm_repeats, args.max_wait = 1, 128, 2, 0
         args.pretrain_steps, args.refresh_every, args.questions = 3, 2, 2
+        args.recall_questions, args.recall_passages = args.recall_questions or 8, args.recall_passages or 32
     return args
 
 
