@@ -7,9 +7,13 @@ the whole corpus with the current Embed_doc, so its cost bounds how fresh the in
 params.yaml `index.embed_precision` picks it; "auto" chooses from the hardware:
 
     CPU with avx512_bf16 or amx_bf16   bf16  a bfloat16 copy of the tower (oneDNN's bf16 / AMX matmuls)
-    other x86 CPU with avx2            int8  dynamic int8 quantisation of every nn.Linear, weights per channel (fbgemm)
     other CPU                          fp32  the tower itself
     CUDA                               bf16 if the GPU supports it, else fp16
+
+"int8" (dynamic int8 quantisation of every nn.Linear, weights per channel, fbgemm) is never
+chosen by "auto": it lost 0.57-0.66 points of SQuAD-open recall@5 against fp32, over the 0.5
+points an index kernel may cost (reports/throughput.md). Ask for it by name where speed matters
+more, e.g. on AVX2-only CPUs, where it is about 2x fp32.
 
 Only the block embeddings of an index are computed this way; training, queries and the
 trained tower's weights stay fp32, and the embeddings come back as float32. bench/throughput.py
@@ -63,9 +67,7 @@ def resolve_embed_precision(requested: str, device: torch.device) -> str:
     flags = cpu_flags()
     if flags & BF16_FLAGS:
         return "bf16"
-    if "avx2" in flags and "fbgemm" in torch.backends.quantized.supported_engines:
-        return "int8"
-    return "fp32"
+    return "fp32"  # int8 costs more recall than an index kernel may (module docstring)
 
 
 def embedding_tower(embedder: nn.Module, kernel: str) -> nn.Module:

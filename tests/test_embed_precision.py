@@ -76,7 +76,7 @@ def test_a_refresh_embeds_the_current_weights_not_a_stale_quantised_copy(tiny, d
 @pytest.mark.parametrize(("flags", "expected"), [
     ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
     ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),
-    ({"avx2", "fma"}, "int8"),
+    ({"avx2", "fma"}, "fp32"),  # int8 is faster there but lost > 0.5 points of recall@5: opt-in only
     ({"sse4_2"}, "fp32"),
     (set(), "fp32"),
 ])
