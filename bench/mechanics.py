@@ -1,6 +1,6 @@
 """REALM's mechanics on a synthetic knowledge corpus: does retrieval learn from the MLM signal alone?
 
-    .venv/bin/python bench/mechanics.py                     # the five variants (~12 min on 2 idle cores): reports/mechanics.{json,md,png} + MLflow
+    .venv/bin/python bench/mechanics.py                     # the five variants (~14.5 min on 2 idle cores): reports/mechanics.{json,md,png} + MLflow
     .venv/bin/python bench/mechanics.py --quick             # the small world the test runs, realm and frozen_retriever (~1 min)
     .venv/bin/python bench/mechanics.py --only realm stale_index --out bench/results/mechanics.json
     realm bench mechanics [--quick]                         # the same through the CLI
