@@ -225,14 +225,12 @@ def test_the_marginal_the_bench_scores_is_realms_marginal_likelihood(store, worl
 
 
 def test_the_bench_logs_its_curves_and_reports_to_mlflow(quick_results, tmp_path, monkeypatch):
-    import mlflow
     from mlflow import MlflowClient
 
     from bench.mechanics import log_to_mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # never mlflow.set_tracking_uri: it would outlive this test
     report = tmp_path / "mechanics.json"
     report.write_text("{}")
     run_id = log_to_mlflow({**quick_results, "config": {"seed": 13}}, [report], quick=True, root=tmp_path)
@@ -243,3 +241,4 @@ def test_the_bench_logs_its_curves_and_reports_to_mlflow(quick_results, tmp_path
     history = client.get_metric_history(run_id, "realm.recall_at_1")
     assert [m.step for m in history] == quick_results["variants"]["realm"]["curves"]["eval"]["step"]
     assert [a.path for a in client.list_artifacts(run_id)] == ["mechanics.json"]
+    assert (tmp_path / "mlartifacts").is_dir()  # a local store keeps the artefacts beside the project
