@@ -94,8 +94,9 @@ def log_bench_run(bench: str, params: dict, metrics: list[Metric], files: list[P
     metrics (a step per point of a curve, so the chart view draws it) and its report files."""
     client = tracking_client()
     exp_id = ensure_experiment(client, root, BENCH_EXPERIMENT)
+    commit = git_commit(root)
     run = client.create_run(exp_id, run_name=f"{bench}{'-quick' if quick else ''}-{time.strftime('%m%d-%H%M')}",
-                            tags={"mlflow.source.git.commit": git_commit(root), "git.commit": git_commit(root),
+                            tags={"mlflow.source.git.commit": commit, "git.commit": commit,
                                   "mlflow.source.name": f"bench/{bench}.py", "bench": bench})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch

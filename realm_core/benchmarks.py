@@ -228,7 +228,9 @@ def cloze(blocks: Path, questions: Path, max_questions: int | None = None, seed:
         loaded = random.Random(seed).sample(loaded, max_questions)
     out = []
     for q in loaded:
-        title = q.question[q.question.rfind("(") + 1 : -1] if q.question.endswith(")") else ""
+        # the trailing "(title)"; a title may hold parentheses itself ("Mercury (planet)")
+        opens = [i for i, c in enumerate(q.question) if c == "("] if q.question.endswith(")") else []
+        title = next((q.question[i + 1 : -1] for i in reversed(opens) if q.question[i + 1 : -1] in by_title), "")
         out.append(QAExample(q.question, q.answers, False, tuple(by_title.get(title, ())), q.id))
     return Benchmark("cloze", passages, out, ["cloze"] * len(out))
 

@@ -178,10 +178,11 @@ def test_cloze_benchmark_takes_the_named_articles_blocks_as_gold(tmp_path) -> No
     from realm_core.benchmarks import cloze, gold_sets
 
     blocks = [{"id": 0, "title": "Paris", "text": "Paris is on the Seine."}, {"id": 1, "title": "Rome", "text": "Rome has seven hills."},
-              {"id": 2, "title": "Paris", "text": "The Louvre is in Paris."}]
+              {"id": 2, "title": "Paris", "text": "The Louvre is in Paris."}, {"id": 3, "title": "Mercury (planet)", "text": "It is small."}]
     (tmp_path / "blocks.jsonl").write_text("".join(json.dumps(b) + "\n" for b in blocks))
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "It is the capital of [MASK]. (Paris)", "answer": ["France"]}) + "\n"
-                                       + json.dumps({"question": "no title here [MASK].", "answer": ["x"]}) + "\n")
+                                       + json.dumps({"question": "no title here [MASK].", "answer": ["x"]}) + "\n"
+                                       + json.dumps({"question": "It orbits the [MASK]. (Mercury (planet))", "answer": ["Sun"]}) + "\n")
     bench = cloze(tmp_path / "blocks.jsonl", tmp_path / "qa.jsonl")
-    assert bench.name == "cloze" and [p.id for p in bench.passages] == ["0", "1", "2"]
-    assert gold_sets(bench) == [{0, 2}, set()]
+    assert bench.name == "cloze" and [p.id for p in bench.passages] == ["0", "1", "2", "3"]
+    assert gold_sets(bench) == [{0, 2}, set(), {3}]
