@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import sys
@@ -60,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.publish import publish  # noqa: E402
 from realm_core.blocks import embed_blocks, query_batch  # noqa: E402
 from realm_core.config import EncoderWarmupParams, PretrainParams  # noqa: E402
 from realm_core.index import DenseIndex  # noqa: E402
@@ -452,15 +452,9 @@ def main() -> None:
     out = args.out or (ROOT / "bench" / "results" / "mechanics_quick.json" if args.quick else ROOT / "reports" / "mechanics.json")
     results = run(settings, args.seed, variants, threads=args.threads)
     results["config"]["quick"] = args.quick
-    out.parent.mkdir(parents=True, exist_ok=True)
     files = [out, out.with_suffix(".md"), out.with_suffix(".png")]
-    files[0].write_text(json.dumps(results, indent=1) + "\n")
-    files[1].write_text(markdown(results))
-    plot(results, files[2])
-    print(files[1].read_text())
-    if not args.no_mlflow:
-        print(f"MLflow run {log_to_mlflow(results, files, args.quick)} (experiment realm-bench)")
-    print(f"wrote {', '.join(str(f) for f in files)} in {results['seconds']:.0f} s")
+    log = None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick))
+    publish(results, files, markdown, plot, log, indent=1)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from realm_core.modeling import (  # noqa: E402
 )
 from realm_core.questions import QAExample  # noqa: E402
 
+from bench.publish import publish  # noqa: E402
 from bench.quality_report import markdown_report, plot_recall_curves  # noqa: E402
 
 KS = (1, 5, 20)
@@ -430,15 +431,8 @@ def main() -> None:
     results["training_overlap_by_title"] = training_overlap(benchmarks, models.blocks)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     files = [out / "quality.json", out / "quality.md", out / "quality_recall_at_k.png"]
-    files[0].write_text(json.dumps(results, indent=2) + "\n")
-    files[1].write_text(markdown_report(results))
-    plot_recall_curves(results, files[2])
-    print(files[1].read_text())
-    if not args.no_mlflow:
-        print(f"MLflow run {log_to_mlflow(results, files, args.quick)} (experiment realm-bench)")
-    print(f"wrote {', '.join(str(f) for f in files)} in {results['seconds']:.0f} s")
+    publish(results, files, markdown_report, plot_recall_curves, None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)))
 
 
 if __name__ == "__main__":

@@ -196,10 +196,13 @@ def test_the_results_hold_what_reports_mechanics_json_promises(quick_results, tm
         ev = v["curves"]["eval"]
         assert ev["step"][0] == 0 and len(ev["recall_at_1"]) == len(ev["mlm_accuracy"]) == len(ev["step"])
         assert len(v["curves"]["step"]["loss"]) == v["params"]["steps"]
-    json.loads(json.dumps(quick_results))  # plain JSON
-    plot(quick_results, tmp_path / "curves.png")
-    assert (tmp_path / "curves.png").stat().st_size > 0
-    assert "| realm |" in markdown(quick_results)
+    from bench.publish import publish
+
+    files = [tmp_path / "mechanics.json", tmp_path / "mechanics.md", tmp_path / "mechanics.png"]
+    publish(quick_results, files, markdown, plot, None, indent=1)  # what main() writes, without MLflow
+    assert json.loads(files[0].read_text()) == json.loads(json.dumps(quick_results))  # plain JSON, all of it
+    assert files[2].read_bytes()[:4] == b"\x89PNG"
+    assert files[1].read_text() == markdown(quick_results) and "| realm |" in files[1].read_text()
 
 
 def test_the_marginal_the_bench_scores_is_realms_marginal_likelihood(store, world):
