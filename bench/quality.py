@@ -425,7 +425,7 @@ def main() -> None:
         benchmarks.insert(0, cloze(corpus_dir / "blocks.jsonl", corpus_dir / "qa_dev.jsonl", 100 if args.quick else None, params.seed))
     models = Models.workspace(ROOT, params)
     results = run(benchmarks, models, params, settings)
-    results["config"] = {"quick": args.quick, "vital_passages": len(benchmarks[1].passages), "reader_questions": settings.reader_questions,
+    results["config"] = {"quick": args.quick, "vital_passages": len(next(b for b in benchmarks if b.name == "vital_linked").passages), "reader_questions": settings.reader_questions,
                          "passage_tokens": PASSAGE_TOKENS, "depth": settings.depth, "seed": params.seed,
                          "reinit_ict_steps": settings.reinit_ict_steps or params.ict.steps, "threads": torch.get_num_threads()}
     results["training_overlap_by_title"] = training_overlap(benchmarks, models.blocks)
