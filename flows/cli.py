@@ -98,8 +98,8 @@ def run(
 
     try:
         set_params = [*(profile_overrides(root, profile) if profile else []), *(set_params or [])]  # an explicit -S wins
-        check_overrides(root / "params.yaml", set_params or [])  # fail before Prefect starts
-        result = pipeline_flow(set_params=set_params or [], force=force, name=name, root=str(root), temp=temp)
+        check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
+        result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
     except (*_user_errors(), PipelineError) as exc:
         _fail(str(exc))
     _print_summary(result)
