@@ -186,7 +186,7 @@ def training_questions(data_dir: Path) -> tuple[list[QAExample], dict[str, int]]
     SQuAD dev train half, minus any question whose text is in an evaluation set (the vital-linked
     sets draw on SQuAD dev too); with the count from each source."""
     data_dir = Path(data_dir)
-    held = {_question_key(q.question) for name in EVALUATION_FILES for q in read_questions(data_dir / name, regex="trec" in name)}
+    held = {_question_key(q.question) for name in EVALUATION_FILES for q in read_questions(data_dir / name)}  # only their texts matter
     _, squad = read_squad(data_dir / SQUAD_ZIP)
     held |= {_question_key(q.question) for q in squad_article_half(squad, "test")}
     sources = {name: read_questions(data_dir / name) for name in TRAINING_FILES}
