@@ -78,8 +78,16 @@ def test_without_source_exclusion_the_own_block_can_be_retrieved(tiny, models):
     for exclude, expect_source in ((True, False), (False, True)):
         trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, exclude_source=exclude)
         trainer.refresh_index(0)
-        source_vector = torch.from_numpy(trainer.index.embeddings[q.block_id : q.block_id + 1]) * 100
-        cands = trainer.candidates(source_vector, [q])[0]
+        # A query whose inner product is 1 with the source block and 0 with every other (least squares over
+        # the index): 100 * e_source only wins when no other block projects further onto it, which a
+        # random tiny tower (or another CPU's kernels) does not promise.
+        embeddings = torch.from_numpy(np.asarray(trainer.index.embeddings, dtype=np.float64))  # [N, d]
+        target = torch.zeros(len(embeddings), dtype=torch.float64)
+        target[q.block_id] = 1.0
+        source_query = (torch.linalg.pinv(embeddings) @ target).float()[None]  # [1, d]
+        scores = torch.from_numpy(np.asarray(trainer.index.embeddings)) @ source_query[0]  # [N]
+        assert int(scores.argmax()) == q.block_id  # the premise: unexcluded, the source is the top hit
+        cands = trainer.candidates(source_query, [q])[0]
         assert cands[0] is None and len(cands) == 3
         assert (q.block_id in cands) is expect_source
 
