@@ -99,6 +99,7 @@ class PretrainParams(_Section):
 
 
 class FinetuneParams(_Section):
+    init: Literal["pretrain", "ict"] = Field("pretrain", description="start from REALM pre-training, or ORQA-style from ICT with no pre-training (realm_core/paths.py)")
     steps: int = Field(80, ge=0)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -46,6 +46,16 @@ class Paths:
     def finetune(self) -> Path:
         return self.root / "data" / "finetune"
 
+    def finetune_start(self, init: str) -> "FinetuneStart":
+        """What fine-tuning starts from (`finetune.init`): REALM's pre-trained retriever and encoder, or
+        ORQA's recipe, the ICT retriever and the ict stage's warmed encoder with no REALM pre-training
+        (REALM Table 1 compares exactly these two; section 4.4)."""
+        if init == "pretrain":
+            return FinetuneStart(self.pretrain / "retriever" / "query", self.pretrain / "retriever" / "doc", self.pretrain / "encoder")
+        if init == "ict":
+            return FinetuneStart(self.ict / "retriever" / "query", self.ict / "retriever" / "doc", self.ict / "encoder")
+        raise ValueError(f"finetune.init must be 'pretrain' or 'ict', got {init!r}")
+
     # evaluate stage
     @property
     def evaluate(self) -> Path:
@@ -61,3 +71,12 @@ class Paths:
     def scratch(self, stage: str) -> Path:
         """Untracked working state (checkpoints, refresh hand-over files)."""
         return self.root / "runs" / stage
+
+
+@dataclass(frozen=True)
+class FinetuneStart:
+    """The checkpoints fine-tuning starts from: query tower, doc tower (frozen: it embeds the index), encoder (the reader's BERT)."""
+
+    query: Path
+    doc: Path
+    encoder: Path

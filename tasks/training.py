@@ -223,11 +223,13 @@ def load_open_qa(params: Params, paths: Paths, query_dir: Path, reader: SpanRead
 
 @task(cache_policy=NO_CACHE)
 def finetune_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) -> dict[str, float]:
-    """Train the query embedder and a span reader initialised from the pre-trained encoder."""
+    """Train the query embedder and a span reader initialised from the pre-trained encoder
+    (`finetune.init: ict`: from the ICT retriever and the ict stage's encoder, ORQA-style)."""
     seed_everything(params.seed)
     c = params.finetune
-    reader = SpanReader(load_encoder(paths.pretrain / "encoder").bert, hidden=c.span_hidden)
-    model = load_open_qa(params, paths, paths.pretrain / "retriever" / "query", reader, out_dir / "index")
+    start = paths.finetune_start(c.init)
+    reader = SpanReader(load_encoder(start.encoder).bert, hidden=c.span_hidden)
+    model = load_open_qa(params, paths, start.query, reader, out_dir / "index")
     questions = load_questions(paths.qa_train)
     run_logger().info("fine-tuning on %d questions over %d blocks", len(questions), len(model.store))
     ckpt = stage_checkpointer(params, paths, "finetune", "openqa", log)

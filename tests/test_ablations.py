@@ -137,3 +137,18 @@ def test_every_ablation_variant_is_a_valid_params_override():
         check_overrides(root / "params.yaml", overrides)
     with pytest.raises(Exception):
         check_overrides(root / "params.yaml", ["pretrain.no_such_switch=true"])
+
+
+def test_orqa_style_finetuning_starts_from_ict_and_never_reads_pretraining(tmp_path):
+    from realm_core.paths import Paths
+
+    paths = Paths(tmp_path)
+    assert Params().finetune.init == "pretrain"  # REALM's default
+    realm, orqa = paths.finetune_start("pretrain"), paths.finetune_start("ict")
+    assert (realm.query, realm.doc, realm.encoder) == (paths.pretrain / "retriever" / "query", paths.pretrain / "retriever" / "doc", paths.pretrain / "encoder")
+    for part in (orqa.query, orqa.doc, orqa.encoder):
+        assert paths.ict in part.parents and paths.pretrain not in part.parents
+    with pytest.raises(ValueError, match="finetune.init"):
+        paths.finetune_start("bert")
+    with pytest.raises(ValueError):
+        Params.model_validate({"finetune": {"init": "bert"}})
