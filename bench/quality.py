@@ -45,7 +45,20 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from realm_core.benchmarks import Benchmark, answer_sets, cloze, gold_sets, hit_table, squad_open, vital_linked  # noqa: E402
+from realm_core.benchmarks import (  # noqa: E402
+    VITAL_PASSAGES,
+    Benchmark,
+    BlockCorpus,
+    answer_sets,
+    cloze,
+    gold_sets,
+    hit_table,
+    question_file,
+    squad_open,
+    vital_linked,
+    vital_linked_blocks,
+    vital_titles,
+)
 from realm_core.blocks import Block, BlockStore, embed_blocks, pad_batch, query_batch  # noqa: E402
 from realm_core.bm25 import bm25_retrieve  # noqa: E402
 from realm_core.config import Params, load_params  # noqa: E402
@@ -85,19 +98,20 @@ class Models:
     pretrain: Path  # retriever/{query,doc}/, encoder/
     finetune: Path  # query/, reader/
     blocks: Path  # the pipeline's blocks.jsonl: ICT of the re-initialised retriever runs on it
+    orqa: Path | None = None  # an ORQA-style fine-tune (`finetune.init: ict`): query/, reader/ over the ICT doc tower
 
     @classmethod
-    def workspace(cls, root: Path, params: Params) -> "Models":
+    def workspace(cls, root: Path, params: Params, orqa: Path | None = None) -> "Models":
         data = root / "data"
         return cls(backbone_dir("minilm"), backbone_dir(params.model.backbone), params.model.num_hidden_layers,
-                   data / "ict" / "retriever", data / "pretrain", data / "finetune", data / "corpus" / "blocks.jsonl")
+                   data / "ict" / "retriever", data / "pretrain", data / "finetune", data / "corpus" / "blocks.jsonl", orqa)
 
 
 @dataclass
 class Settings:
     depth: int = 100  # rankings this deep: recall@k curve up to k = depth
     reader_questions: int = 700  # seeded sample per benchmark for the readers (all if fewer)
-    reinit_ict_steps: int | None = None  # None = params.ict.steps (the pipeline's ICT recipe)
+    reinit_ict_steps: int | None = None  # None = params.ict.steps (the pipeline's ICT recipe); 0 = no random_init_ict row
     batch_size: int = 64
 
 
@@ -178,12 +192,19 @@ def realm_retrievers(models: Models, params: Params, settings: Settings, tokeniz
                       seeded(lambda: Retriever.from_backbone(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling))),
         "random_init": (f"random BERT weights ({layers} layers), no training: chance level",
                         seeded(lambda: random_init_retriever(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling, params.seed))),
-        "random_init_ict": (f"random BERT weights + ICT here ({steps} steps x {ict.batch_size}, the pipeline's recipe)", seeded(reinit_ict)),
+        **({"random_init_ict": (f"random BERT weights + ICT here ({steps} steps x {ict.batch_size}, the pipeline's recipe)", seeded(reinit_ict))} if steps else {}),
         "ict": ("backbone + ICT (data/ict/retriever)", lambda: towers(load_retriever(models.ict))),
         "realm_pretrained": ("ICT + REALM pre-training (data/pretrain/retriever), zero-shot", lambda: towers(load_retriever(models.pretrain / "retriever"))),
         "realm_finetuned": ("fine-tuned query tower (data/finetune/query) over the pre-trained doc tower; NOT zero-shot",
                             lambda: (load_embedder(models.finetune / "query"), load_embedder(models.pretrain / "retriever" / "doc"))),
+        **({"orqa_finetuned": (f"ORQA-style fine-tuned query tower ({models.orqa}/query) over the ICT doc tower; NOT zero-shot",
+                               lambda: (load_embedder(models.orqa / "query"), load_embedder(models.ict / "doc")))} if models.orqa else {}),
     }
+
+
+# The doc tower each retriever embeds the passages with, when another system shares it: embedded
+# once per corpus. The readers retrieve from the same embeddings (REALM's frozen index).
+DOC_TOWER = {"ict": "ict", "orqa_finetuned": "ict", "realm_pretrained": "pretrain", "realm_finetuned": "pretrain"}
 
 
 def recall_summary(rankings: list[list[int]], relevant: dict[str, list[set[int]]], sources: list[str], depth: int) -> dict:
@@ -213,8 +234,10 @@ def closed_book_predictions(encoder: KnowledgeAugmentedEncoder, tokenizer, quest
                             max_answer_tokens: int = 3, batch_size: int = 32) -> list[str]:
     """No retrieval: REALM's knowledge-augmented encoder given only the null block (section 3.4),
     `[CLS] question [MASK]*n [SEP] [SEP]`, fills the n slots greedily (special tokens excluded);
-    the n in 1..max_answer_tokens with the best mean log-probability wins. An extractive reader
-    has nothing to extract from the null block, so this is the closed-book answer REALM can give."""
+    the n in 1..max_answer_tokens with the best mean log-probability wins. A cloze question's own
+    `[MASK]` is where the n slots go (its answer is the masked span); other questions get them at
+    the end. An extractive reader has nothing to extract from the null block, so this is the
+    closed-book answer REALM can give."""
     encoder.eval()
     banned = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     pieces = tokenizer.convert_ids_to_tokens(list(range(encoder.mlm.config.vocab_size)))
@@ -223,11 +246,11 @@ def closed_book_predictions(encoder: KnowledgeAugmentedEncoder, tokenizer, quest
     for n in range(1, max_answer_tokens + 1):
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
-            qs = [tokenizer(q.question, add_special_tokens=False, truncation=True, max_length=max(1, max_query_tokens - 3 - n))["input_ids"] for q in chunk]
-            seqs = [[tokenizer.cls_token_id, *q, *[tokenizer.mask_token_id] * n, tokenizer.sep_token_id, tokenizer.sep_token_id] for q in qs]
+            parts = [slot_context(tokenizer, q.question, max(1, max_query_tokens - 3 - n)) for q in chunk]  # (before, after) the slots
+            seqs = [[tokenizer.cls_token_id, *before, *[tokenizer.mask_token_id] * n, *after, tokenizer.sep_token_id, tokenizer.sep_token_id] for before, after in parts]
             segs = [[0] * (len(s) - 1) + [1] for s in seqs]
             hidden = encoder.bert(**pad_batch(seqs, segs, tokenizer.pad_token_id, CPU)).last_hidden_state  # [B, L, h]
-            pos = torch.tensor([[1 + len(q) + j for j in range(n)] for q in qs])  # [B, n]
+            pos = torch.tensor([[1 + len(before) + j for j in range(n)] for before, _ in parts])  # [B, n]
             logits = encoder.mlm.cls(hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1))))  # [B, n, V]
             logits[..., banned] = -float("inf")
             logits[:, 0, continuation] = -float("inf")
@@ -236,6 +259,16 @@ def closed_book_predictions(encoder: KnowledgeAugmentedEncoder, tokenizer, quest
                 if score > best[start + b][0]:
                     best[start + b] = (score, tokenizer.decode(ids).strip())
     return [text for _, text in best]
+
+
+def slot_context(tokenizer, question: str, budget: int) -> tuple[list[int], list[int]]:
+    """The wordpieces before and after where a closed-book answer goes: a cloze question's first
+    `[MASK]`, else the question's end; cut to `budget` wordpieces in all, the far end of `after` first."""
+    head, mask, tail = question.partition(tokenizer.mask_token)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    before, after = encode(head.strip()), encode(tail.strip()) if mask else []
+    after = after[: max(0, budget - len(before))]
+    return before[-budget:], after
 
 
 def realm_reader_predictions(query: Embedder, reader, store: BlockStore, doc_emb: np.ndarray, questions: list[QAExample],
@@ -270,7 +303,8 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
     scores: dict[tuple[str, str, str], np.ndarray] = {}  # (benchmark, system, metric) -> per-question 0/1: the paired comparisons
     stores, relevant, reader_ids, doc_cache = {}, {}, {}, {}
     for b in benchmarks:
-        stores[b.name] = passage_store(b, tokenizer)
+        shared = next((stores[o.name] for o in benchmarks if o.passages is b.passages and o.name in stores), None)
+        stores[b.name] = shared or passage_store(b, tokenizer)
         relevant[b.name] = {"gold": gold_sets(b), "answer": answer_sets(b)}
         n = min(settings.reader_questions, len(b.questions))
         reader_ids[b.name] = sorted(random.Random(params.seed).sample(range(len(b.questions)), n))
@@ -301,30 +335,30 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
         query, doc = load()
 
         def rank(b: Benchmark, query=query, doc=doc, name=name) -> list[list[int]]:
-            key = (b.name, "pretrain_doc") if name in ("realm_pretrained", "realm_finetuned") else None
-            if key in doc_cache:
-                emb = doc_cache[key]
-            else:
-                emb = embed_blocks(doc, stores[b.name], CPU, settings.batch_size, progress=f"{name} {b.name}")
-                if key:
-                    doc_cache[key] = emb
+            key = (id(b.passages), DOC_TOWER.get(name, name))  # benchmarks over one corpus share its passages list
+            if key not in doc_cache:
+                doc_cache[key] = embed_blocks(doc, stores[b.name], CPU, settings.batch_size, progress=f"{name} {b.name}")
+            emb = doc_cache[key]
             q = embed_questions(query, stores[b.name], b.questions, params.model.max_query_tokens, settings.batch_size)
             return dense_rankings(emb, q, settings.depth)
 
         record(name, what, rank)
     readers = {
-        "closed_book": ("no retrieval: REALM's pre-trained encoder, null block only, fills 1-3 [MASK] slots", "none"),
-        "realm_finetuned": (f"REALM fine-tuned span reader over its top-{params.evaluate.top_k} passages (data/finetune)", "realm_finetuned"),
+        "closed_book": ("no retrieval: REALM's pre-trained encoder, null block only, fills 1-3 [MASK] slots (a cloze question's own)", "none", None),
+        "realm_finetuned": (f"REALM fine-tuned span reader over its top-{params.evaluate.top_k} passages (data/finetune)", "realm_finetuned", models.finetune),
+        **({"orqa": (f"ORQA-style: ICT retriever, fine-tuned without REALM pre-training ({models.orqa}), top-{params.evaluate.top_k} passages",
+                     "orqa_finetuned", models.orqa)} if models.orqa else {}),
     }
     encoder = load_encoder(models.pretrain / "encoder")
-    query, reader = load_embedder(models.finetune / "query"), load_reader(models.finetune / "reader")
-    for name, (what, retrieval) in readers.items():
+    for name, (what, retrieval, trained) in readers.items():
         start = time.perf_counter()
         entry = results["readers"].setdefault(name, {"description": what, "retrieval": retrieval})
+        if trained:
+            query, reader = load_embedder(trained / "query"), load_reader(trained / "reader")
         for b in benchmarks:
             qs, src = [b.questions[i] for i in reader_ids[b.name]], [b.sources[i] for i in reader_ids[b.name]]
-            preds = (closed_book_predictions(encoder, tokenizer, qs, params.model.max_query_tokens) if name == "closed_book"
-                     else realm_reader_predictions(query, reader, stores[b.name], doc_cache[(b.name, "pretrain_doc")], qs, params))
+            preds = (closed_book_predictions(encoder, tokenizer, qs, params.model.max_query_tokens) if trained is None
+                     else realm_reader_predictions(query, reader, stores[b.name], doc_cache[(id(b.passages), DOC_TOWER[retrieval])], qs, params))
             entry[b.name] = reader_summary(preds, qs, src)
             scores[(b.name, name, "exact_match")] = np.array([answer_score(p, q) for p, q in zip(preds, qs)])
         entry["seconds"] = round(time.perf_counter() - start, 1)
@@ -342,7 +376,9 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
     *((f"zero_shot_recall_at_{k}", "realm", "ict") for k in KS),  # REALM pre-training improves the ICT retriever
     *((f"zero_shot_recall_at_{k}", "ict", "untrained") for k in KS),  # ICT learns to retrieve (ORQA)
     *((f"zero_shot_recall_at_{k}", "realm", "bm25") for k in KS),  # the sparse reference
-    ("exact_match", "realm", "closed_book"),  # retrieval helps the reader answer
+    ("exact_match", "realm", "orqa"),  # REALM pre-training helps the fine-tuned reader (Table 1)
+    ("exact_match", "orqa", "closed_book"),  # retrieval helps the reader answer
+    ("exact_match", "realm", "closed_book"),
 )
 SYSTEMS = {"recall": {"realm": "realm_pretrained"}, "exact_match": {"realm": "realm_finetuned"}}
 
@@ -401,12 +437,51 @@ def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = RO
     return log_bench_run("quality", results["config"], metrics, files, quick=quick, root=root)
 
 
+def pipeline_summary(params: Params) -> str:
+    """What the compared checkpoints were trained with (the workspace's params.yaml), for the report."""
+    m, c = params.model, params.corpus
+    passages = "all 10,033 vital passages" if c.max_passages is None else f"a {c.max_passages}-passage sample of the vital articles"
+    return (f"{m.num_hidden_layers or 'all'}-layer towers and encoder, trained on {passages}: ICT {params.ict.steps} steps, encoder warm-up "
+            f"{params.encoder_warmup.steps}, REALM pre-training {params.pretrain.steps} (refresh every {params.pretrain.refresh_every}), "
+            f"fine-tuning {params.finetune.steps} steps of {params.finetune.batch_size} questions")
+
+
+def question_sets(args: argparse.Namespace, params: Params) -> list[Benchmark]:
+    """cloze and vital_linked over the pipeline's own blocks (vital_linked over its sampled corpus
+    when the blocks lack linked articles), SQuAD-open's test half, then each --questions file."""
+    corpus_dir = ROOT / "data" / "corpus"
+    blocks = BlockCorpus.load(corpus_dir / "blocks.jsonl") if (corpus_dir / "blocks.jsonl").is_file() else None
+    quick = 100 if args.quick else None
+    out = []
+    if blocks and (corpus_dir / "qa_dev.jsonl").is_file():  # the pipeline's own held-out cloze questions
+        out.append(cloze(blocks, corpus_dir / "qa_dev.jsonl", quick, params.seed))
+    linked = vital_linked_blocks(args.data, blocks, 50 if args.quick else None, params.seed) if blocks else None
+    if linked is None:
+        linked = vital_linked(args.data, 150, params.seed, max_questions=50) if args.quick else vital_linked(args.data, args.vital_passages, params.seed)
+    out.append(linked)
+    out.append(squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test") if args.quick else squad_open(args.data, half="test"))
+    if (args.questions or args.regex_questions) and blocks is None:
+        raise SystemExit("error: --questions are scored over the pipeline's blocks: run `realm run` first (data/corpus/blocks.jsonl)")
+    aliases = vital_titles(args.data) if (args.data / VITAL_PASSAGES).is_file() else {}
+    for path, regex in [*((p, False) for p in args.questions), *((p, True) for p in args.regex_questions)]:
+        out.append(question_file(path, blocks, regex=regex, aliases=aliases))
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: two question sets share a name ({names}); rename one of the files")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small subsets, 1 ICT step: a smoke test of the whole bench")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder (SOURCES.md)")
     parser.add_argument("--vital-passages", type=int, default=2000, help="vital-linked corpus size (linked passages + seeded others)")
     parser.add_argument("--reader-questions", type=int, default=Settings.reader_questions, help="questions per benchmark for the readers (seeded sample)")
+    parser.add_argument("--orqa", type=Path, help="an ORQA-style fine-tune (query/, reader/) of a `finetune.init=ict` run: the orqa reader row")
+    parser.add_argument("--questions", type=Path, nargs="*", default=[], help="more question files (any format of realm_core/questions.py), each its own set over the pipeline's blocks")
+    parser.add_argument("--regex-questions", type=Path, nargs="*", default=[], help="question files whose answers are regexes (CuratedTREC), as --questions")
+    parser.add_argument("--reinit-ict-steps", type=int, help="ICT steps of the re-initialised retriever (default: ict.steps; 0 = leave that row out)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where quality.{json,md} and the PNG go (the committed report: reports/)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
     from flows.env import configure
@@ -414,23 +489,18 @@ def main() -> None:
     configure(ROOT)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     params = load_params(ROOT / "params.yaml")
-    settings = Settings(reader_questions=20 if args.quick else args.reader_questions, reinit_ict_steps=1 if args.quick else None)
+    settings = Settings(reader_questions=20 if args.quick else args.reader_questions, reinit_ict_steps=1 if args.quick else args.reinit_ict_steps)
     started = time.perf_counter()
-    if args.quick:
-        benchmarks = [squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test"), vital_linked(args.data, 150, params.seed, max_questions=50)]
-    else:
-        benchmarks = [squad_open(args.data, half="test"), vital_linked(args.data, args.vital_passages, params.seed)]
-    corpus_dir = ROOT / "data" / "corpus"
-    if (corpus_dir / "qa_dev.jsonl").is_file():  # the pipeline's own held-out cloze questions, over its own blocks
-        benchmarks.insert(0, cloze(corpus_dir / "blocks.jsonl", corpus_dir / "qa_dev.jsonl", 100 if args.quick else None, params.seed))
-    models = Models.workspace(ROOT, params)
+    benchmarks = question_sets(args, params)
+    models = Models.workspace(ROOT, params, args.orqa)
     results = run(benchmarks, models, params, settings)
     results["config"] = {"quick": args.quick, "vital_passages": len(next(b for b in benchmarks if b.name == "vital_linked").passages), "reader_questions": settings.reader_questions,
+                         "pipeline": pipeline_summary(params), "orqa": str(args.orqa) if args.orqa else None, "question_files": [str(p) for p in [*args.questions, *args.regex_questions]],
                          "passage_tokens": PASSAGE_TOKENS, "depth": settings.depth, "seed": params.seed,
-                         "reinit_ict_steps": settings.reinit_ict_steps or params.ict.steps, "threads": torch.get_num_threads()}
+                         "reinit_ict_steps": params.ict.steps if settings.reinit_ict_steps is None else settings.reinit_ict_steps, "threads": torch.get_num_threads()}
     results["training_overlap_by_title"] = training_overlap(benchmarks, models.blocks)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    out = ROOT / "bench" / "results"
+    out = args.out
     files = [out / "quality.json", out / "quality.md", out / "quality_recall_at_k.png"]
     publish(results, files, markdown_report, plot_recall_curves, None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)))
 

@@ -90,11 +90,13 @@ def notes(results: dict) -> list[str]:
         "- all-MiniLM-L6-v2 was trained contrastively on NQ-train, SQuAD-train, TriviaQA and PAQ question-passage pairs "
         "(not these dev/test questions): it is a supervised QA retriever, not a zero-shot baseline. The pipeline's retrievers "
         "start from its first layers, so `random_init` / `random_init_ict` (BERT weights re-initialised) test the unsupervised claim.",
-        "- The pipeline's 2-layer retrievers were trained on a 1,200-passage subsample of the vital articles "
+        f"- The pipeline's models: {cfg.get('pipeline', 'see params.yaml')} "
         f"(passages of each corpus whose title is a training-block title: {overlap or 'n/a'}); SQuAD paragraphs are a transfer "
         "to other Wikipedia text.",
-        "- The closed-book reader gives REALM's encoder the null block only and fills 1-3 [MASK] slots after the question; "
-        "an extractive reader cannot answer from the null block at all.",
+        "- The closed-book reader gives REALM's encoder the null block only and fills 1-3 [MASK] slots: in place of a cloze "
+        "question's own [MASK], after any other question; an extractive reader cannot answer from the null block at all.",
+        "- `orqa` is ORQA's recipe on the same corpus and questions: the ICT retriever and the ict stage's encoder, fine-tuned "
+        "(`finetune.init: ict`) with no REALM pre-training; `realm_finetuned` starts from REALM pre-training.",
     ]
 
 

@@ -7,8 +7,11 @@ of `bench/quality.py` (each passage is one retrieval unit; relevance by gold id 
                   (Chen et al. 2017's setting, as ORQA Table 4 over the dev paragraphs only);
                   the gold passage of a question is the paragraph it was written on.
     vital-linked  questions of NQ-open dev, WebQuestions test, CuratedTREC test and SQuAD dev
-                  linked to a vital-article passage that holds their answer, over a corpus of
+                  linked to a vital-article passage that holds their answer, over the pipeline's
+                  own blocks when they hold every linked article (the full corpus), else over
                   the linked passages plus a seeded random sample of other vital passages.
+    question files  any question file over the pipeline's blocks (question_file): linked ids
+                  give gold blocks, every question gets answer recall and EM.
 
 Relevance is measured two ways, both as recall@k (metrics.recall_at_k):
 - "gold": a retrieved passage is one of the question's gold / linked passages;
@@ -214,25 +217,87 @@ def with_distractors(passages: Sequence[Passage], keep: set[str], total: int, se
     return [p for i, p in enumerate(passages) if p.id in keep or i in picked]
 
 
-def cloze(blocks: Path, questions: Path, max_questions: int | None = None, seed: int = 0) -> Benchmark:
+@dataclass
+class BlockCorpus:
+    """The pipeline's own blocks (data/corpus/blocks.jsonl), one passage each (id = the block id):
+    the corpus its models were trained on. The benchmarks over it share this `passages` list, so
+    a bench embeds the blocks once for all of them."""
+
+    passages: list[Passage]
+    article_of: dict[str, str]  # source passage id (a block's "passage_id") -> its article title
+
+    @classmethod
+    def load(cls, blocks: Path) -> "BlockCorpus":
+        rows = [row for _, row in read_jsonl(blocks)]
+        return cls([Passage(str(row["id"]), row["title"], row["text"]) for row in rows],
+                   {str(row.get("passage_id", row["title"])): row["title"] for row in rows})
+
+    def benchmark(self, name: str, questions: Sequence[QAExample], sources: list[str], articles: Sequence[Sequence[str]]) -> Benchmark:
+        """`questions` over these blocks; the gold passages of question i: every block of `articles[i]`."""
+        by_title: dict[str, list[str]] = {}
+        for p in self.passages:
+            by_title.setdefault(p.title, []).append(p.id)
+        out = [QAExample(q.question, q.answers, q.regex, tuple(b for t in titles for b in by_title.get(t, ())), q.id)
+               for q, titles in zip(questions, articles)]
+        return Benchmark(name, self.passages, out, sources)
+
+
+def cloze(blocks: "Path | BlockCorpus", questions: Path, max_questions: int | None = None, seed: int = 0) -> Benchmark:
     """The pipeline's held-out cloze questions (data/corpus/qa_dev.jsonl: sentences removed from the
     corpus before any training) over its own blocks (data/corpus/blocks.jsonl). A question names
     its article in its trailing "(title)"; the gold passages are that article's blocks."""
-    rows = [row for _, row in read_jsonl(blocks)]
-    passages = [Passage(str(row["id"]), row["title"], row["text"]) for row in rows]
-    by_title: dict[str, list[str]] = {}
-    for p in passages:
-        by_title.setdefault(p.title, []).append(p.id)
+    corpus = blocks if isinstance(blocks, BlockCorpus) else BlockCorpus.load(blocks)
+    titles = set(corpus.article_of.values())
     loaded = read_questions(questions)
     if max_questions is not None and max_questions < len(loaded):
         loaded = random.Random(seed).sample(loaded, max_questions)
-    out = []
+    articles = []
     for q in loaded:
         # the trailing "(title)"; a title may hold parentheses itself ("Mercury (planet)")
         opens = [i for i, c in enumerate(q.question) if c == "("] if q.question.endswith(")") else []
-        title = next((q.question[i + 1 : -1] for i in reversed(opens) if q.question[i + 1 : -1] in by_title), "")
-        out.append(QAExample(q.question, q.answers, False, tuple(by_title.get(title, ())), q.id))
-    return Benchmark("cloze", passages, out, ["cloze"] * len(out))
+        articles.append([next((q.question[i + 1 : -1] for i in reversed(opens) if q.question[i + 1 : -1] in titles), "")])
+    return corpus.benchmark("cloze", loaded, ["cloze"] * len(loaded), articles)
+
+
+def vital_titles(data_dir: Path) -> dict[str, str]:
+    """vital passage id ("vital-00042", the ids of the linked questions) -> article title; the
+    vital corpus the pipeline embeds holds the same 10,033 articles under these titles."""
+    return {p.id: p.title for p in read_jsonl_corpus(Path(data_dir) / VITAL_PASSAGES)}
+
+
+def question_file(path: Path, corpus: BlockCorpus, *, regex: bool = False, aliases: dict[str, str] | None = None,
+                  name: str | None = None, sources: list[str] | None = None) -> Benchmark:
+    """Any question file (questions.read_questions' formats) over the pipeline's blocks. A linked
+    question's gold passages are the blocks of the articles its `linked_passage_ids` (or
+    `gold_passage_id`) name: ids of the corpus's own passages, or ids `aliases` maps to a title
+    (vital_titles). Unlinked questions have no gold passages: only answer recall and EM score them."""
+    path = Path(path)
+    loaded = read_questions(path, regex=regex)
+    known = {**(aliases or {}), **corpus.article_of}
+    articles = []
+    for q in loaded:
+        unknown = [g for g in q.gold_ids if g not in known]
+        if unknown:
+            raise InputError(f"{path}: question {q.question!r:.60} links passage ids {unknown[:3]} that are not in the corpus "
+                             f"(data/corpus/blocks.jsonl passage_id); link the corpus's own passage ids")
+        articles.append([known[g] for g in q.gold_ids])
+    return corpus.benchmark(name or path.stem, loaded, sources or [path.stem] * len(loaded), articles)
+
+
+def vital_linked_blocks(data_dir: Path, corpus: BlockCorpus, max_questions: int | None = None, seed: int = 0) -> Benchmark | None:
+    """The vital-linked questions over the pipeline's own blocks, when they hold every linked article
+    (the full vital corpus does; a sample does not: None, and vital_linked's own corpus serves)."""
+    data_dir = Path(data_dir)
+    aliases = vital_titles(data_dir)
+    parts = [question_file(data_dir / name, corpus, regex=regex, aliases=aliases) for name, regex in VITAL_LINKED.values()]
+    questions = [q for part in parts for q in part.questions]
+    sources = [tag for tag, part in zip(VITAL_LINKED, parts) for _ in part.questions]
+    if any(not q.gold_ids for q in questions):
+        return None
+    if max_questions is not None and max_questions < len(questions):
+        keep = sorted(random.Random(seed).sample(range(len(questions)), max_questions))
+        questions, sources = [questions[i] for i in keep], [sources[i] for i in keep]
+    return Benchmark("vital_linked", corpus.passages, questions, sources)
 
 
 def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0, half: str | None = None) -> Benchmark:

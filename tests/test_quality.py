@@ -3,6 +3,8 @@ models standing in for every checkpoint (seconds, no real data)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from bench.quality import (
     random_init_retriever,
     recall_summary,
     run,
+    slot_context,
 )
 from bench.quality_report import markdown_report, plot_recall_curves
 from realm_core.benchmarks import Benchmark
@@ -83,7 +86,9 @@ def tiny_models(tmp_path_factory) -> Models:
     (root / "finetune").mkdir()
     (root / "tmp" / "query").rename(root / "finetune" / "query")
     save_reader(SpanReader(load_bert(bert, pooler=False), hidden=8), root / "finetune" / "reader")
-    return Models(bert, bert, None, root / "ict" / "retriever", root / "pretrain", root / "finetune", write_blocks(root / "blocks.jsonl"))
+    save_retriever(Retriever.from_backbone(bert, None, 16, "mean"), root / "orqa")  # an ORQA-style fine-tune: query/ (+ an unused doc/)
+    save_reader(SpanReader(load_bert(bert, pooler=False), hidden=8), root / "orqa" / "reader")
+    return Models(bert, bert, None, root / "ict" / "retriever", root / "pretrain", root / "finetune", write_blocks(root / "blocks.jsonl"), root / "orqa")
 
 
 def _tiny_benchmarks() -> list[Benchmark]:
@@ -100,9 +105,9 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     params = Params()
     params.ict.batch_size = 4
     results = run(_tiny_benchmarks(), tiny_models, params, Settings(depth=4, reader_questions=2, reinit_ict_steps=1, batch_size=8))
-    expected = {"bm25", "minilm", "untrained", "random_init", "random_init_ict", "ict", "realm_pretrained", "realm_finetuned"}
+    expected = {"bm25", "minilm", "untrained", "random_init", "random_init_ict", "ict", "realm_pretrained", "realm_finetuned", "orqa_finetuned"}
     assert set(results["retrievers"]) == expected
-    assert set(results["readers"]) == {"closed_book", "realm_finetuned"}
+    assert set(results["readers"]) == {"closed_book", "realm_finetuned", "orqa"}
     for entry in results["retrievers"].values():
         for bench in ("tiny", "tiny2"):
             for rule in ("gold", "answer"):
@@ -114,7 +119,8 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     assert results["readers"]["realm_finetuned"]["tiny"]["questions"] == 2
     assert all(0.0 <= r[b]["em"] <= 100.0 for r in results["readers"].values() for b in ("tiny", "tiny2"))
     comparisons = {(c["set"], c["metric"], c["a"], c["b"]): c for c in results["comparisons"]}
-    assert len(comparisons) == 2 * 10  # 9 recall rows and the EM row, on both benchmarks
+    assert len(comparisons) == 2 * 12  # 9 recall rows and the 3 EM rows (realm > orqa > closed book), on both benchmarks
+    assert comparisons[("tiny", "exact_match", "realm", "orqa")]["questions"] == 2
     realm_vs_bm25 = comparisons[("tiny", "zero_shot_recall_at_1", "realm", "bm25")]
     assert realm_vs_bm25["b_score"] == 100.0 and realm_vs_bm25["questions"] == 3
     assert realm_vs_bm25["a_score"] == pytest.approx(results["retrievers"]["realm_pretrained"]["tiny"]["gold"]["recall@1"], abs=1e-3)
@@ -124,7 +130,7 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     results["config"] = {"quick": True, "reader_questions": 2, "passage_tokens": 256, "threads": 1}
     report = markdown_report(results)
     assert "| tiny | zero_shot_recall_at_5 | realm - ict |" in report
-    assert all(f"| {name} |" in report for name in expected | {"closed_book"})
+    assert all(f"| {name} |" in report for name in expected | {"closed_book", "orqa"})
     assert "tiny by source" in report and "tiny2 by source" not in report  # per-source table only with several sources
     png = plot_recall_curves(results, tmp_path / "curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -186,3 +192,54 @@ def test_cloze_benchmark_takes_the_named_articles_blocks_as_gold(tmp_path) -> No
     bench = cloze(tmp_path / "blocks.jsonl", tmp_path / "qa.jsonl")
     assert bench.name == "cloze" and [p.id for p in bench.passages] == ["0", "1", "2", "3"]
     assert gold_sets(bench) == [{0, 2}, set(), {3}]
+
+
+def test_closed_book_answer_slots_go_where_a_cloze_question_masks_its_answer(tiny_models) -> None:
+    tokenizer = load_tokenizer(tiny_models.backbone)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    before, after = slot_context(tokenizer, "Paris is the capital of [MASK]. (Paris)", 32)
+    assert (before, after) == (encode("Paris is the capital of"), encode(". (Paris)"))
+    assert slot_context(tokenizer, "who wrote hamlet?", 32) == (encode("who wrote hamlet?"), [])
+    before, after = slot_context(tokenizer, "a b c [MASK] d e f g", 5)  # the budget cuts the far end of `after` first
+    assert before == encode("a b c") and after == encode("d e") and len(before) + len(after) == 5
+
+
+def test_any_question_file_is_scored_over_the_pipelines_blocks_with_linked_gold(tmp_path) -> None:
+    import json
+
+    from realm_core.benchmarks import BlockCorpus, answer_sets, gold_sets, question_file
+    from realm_core.io import InputError
+
+    blocks = [{"id": 0, "passage_id": "p-paris", "title": "Paris", "text": "Paris is on the Seine."},
+              {"id": 1, "passage_id": "p-rome", "title": "Rome", "text": "Rome has seven hills."},
+              {"id": 2, "passage_id": "p-paris", "title": "Paris", "text": "The Louvre is in Paris."}]
+    (tmp_path / "blocks.jsonl").write_text("".join(json.dumps(b) + "\n" for b in blocks))
+    corpus = BlockCorpus.load(tmp_path / "blocks.jsonl")
+    rows = [{"question": "where is the louvre?", "answers": ["Paris"], "linked_passage_ids": ["p-paris"]},
+            {"question": "how many hills has rome?", "answers": ["seven"], "linked_passage_ids": ["vital-7"]},
+            {"question": "unlinked: a river?", "answers": ["Seine"]}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = question_file(tmp_path / "mine.jsonl", corpus, aliases={"vital-7": "Rome"})
+    assert bench.name == "mine" and bench.passages is corpus.passages
+    assert gold_sets(bench) == [{0, 2}, {1}, set()]
+    assert answer_sets(bench)[2] == {0}
+    with pytest.raises(InputError, match="mine.jsonl.*not in the corpus"):
+        question_file(tmp_path / "mine.jsonl", corpus)  # vital-7 means nothing without the alias
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "wiki_vital_summaries" / "vital_passages.jsonl").is_file(), reason="needs ../shared/data")
+def test_vital_linked_questions_move_onto_the_pipelines_blocks_only_when_they_hold_every_linked_article() -> None:
+    from realm_core.benchmarks import BlockCorpus, Passage, vital_linked_blocks, vital_titles
+
+    titles = sorted(set(vital_titles(SHARED).values()))
+    full = BlockCorpus([Passage(str(i), t, f"text of {t}") for i, t in enumerate(titles)], {t: t for t in titles})
+    bench = vital_linked_blocks(SHARED, full)
+    assert bench is not None and bench.passages is full.passages and len(bench.questions) == 696
+    assert all(q.gold_ids for q in bench.questions) and set(bench.sources) == {"nq", "wq", "trec", "squad"}
+    assert all(q.regex == (tag == "trec") for q, tag in zip(bench.questions, bench.sources))
+    linked = {full.passages[int(g)].title for q in bench.questions for g in q.gold_ids}
+    without_one = BlockCorpus([p for p in full.passages if p.title != min(linked)], {t: t for t in titles if t != min(linked)})
+    assert vital_linked_blocks(SHARED, without_one) is None
