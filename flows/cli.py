@@ -229,7 +229,12 @@ def ask(
     import json
 
     from flows.env import project_root
+    from realm_core.answer import check_question
 
+    try:
+        check_question(question, top_k)  # before the model loads (~15 s)
+    except _user_errors() as exc:
+        _fail(str(exc))
     answerer = _load_answerer(project_root())
     try:
         answer = answerer(question, top_k)
@@ -260,17 +265,22 @@ def serve_api(
 BENCHES = ("quality", "ablations", "index", "throughput", "embed_runners", "mechanics")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(BENCHES)}")],
+    name: Annotated[str | None, typer.Argument(help=f"one of: {', '.join(BENCHES)}")] = None,
 ) -> None:
-    """Run a benchmark script bench/<name>.py (extra arguments, e.g. --quick, are passed on); it prints a table and writes bench/results/."""
+    """Run a benchmark script bench/<name>.py (extra arguments, e.g. --quick, are passed on); it prints a table and writes bench/results/.
+
+    `realm bench NAME --help` shows that benchmark's own options."""
     import subprocess
     import sys
 
     from flows.env import project_root
 
+    if name is None or name in ("--help", "-h"):  # the help option is the script's, so `realm bench quality --help` reaches it
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0 if name else 2)
     if name not in BENCHES:
         _fail(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHES)}")
     root = project_root()

@@ -63,22 +63,30 @@ def _softmax(scores: list[float]) -> list[float]:
     return [e / total for e in exps]
 
 
-def answer_question(model: OpenQA, question: str, top_k: int = 5, reader_top_k: int = 4) -> Answer:
-    """The reader's best span over the top `reader_top_k` blocks, and the top `top_k` blocks as evidence.
-
-    `reader_top_k` defaults to what the evaluate stage reads (params evaluate.top_k), so `realm
-    ask` answers as evaluation scored it; `top_k` only sets how many blocks are listed.
-    """
+def check_question(question: str, top_k: int = 5, reader_top_k: int = 4) -> None:
+    """The checks on a question that need no model: run before loading one (seconds saved on a typo)."""
     if not question.strip():
         raise InputError("the question is empty; ask a question, e.g. realm ask \"who wrote hamlet?\"")
     if top_k < 1 or reader_top_k < 1:
         raise InputError(f"top_k and reader_top_k must be >= 1, got {top_k} and {reader_top_k}")
+
+
+def answer_question(model: OpenQA, question: str, top_k: int = 5, reader_top_k: int = 4) -> Answer:
+    """The reader's best span over the top `reader_top_k` blocks, and the top `top_k` blocks as evidence.
+
+    `reader_top_k` defaults to what the evaluate stage reads (params evaluate.top_k), so `realm
+    ask` answers as evaluation scored it; `top_k` only sets how many blocks are listed, and the
+    answer's own block is always among them (appended at its rank when it ranks below `top_k`).
+    """
+    check_question(question, top_k, reader_top_k)
     (pred,) = model.predict([question], reader_top_k=reader_top_k, retrieve_k=top_k)
-    ids, scores = pred["retrieved"][:top_k], pred["retrieval_scores"][:top_k]
+    shown = top_k if int(pred["block"]) in pred["retrieved"][:top_k] else pred["retrieved"].index(int(pred["block"])) + 1
+    ranks = [*range(min(top_k, shown)), *([shown - 1] if shown > top_k else [])]  # the top_k, then the answer's block
+    ids, scores = [pred["retrieved"][r] for r in ranks], [pred["retrieval_scores"][r] for r in ranks]
     blocks = model.store.blocks
     evidence = [
         Evidence(rank=r + 1, block_id=int(z), title=blocks[z].title, text=blocks[z].text, score=float(s), probability=p)
-        for r, (z, s, p) in enumerate(zip(ids, scores, _softmax(scores)))
+        for r, z, s, p in zip(ranks, ids, scores, _softmax(scores))
     ]
     block = int(pred["block"])
     return Answer(question, pred["answer"], float(pred["score"]), block, blocks[block].title, evidence)

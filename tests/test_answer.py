@@ -82,10 +82,43 @@ def test_the_answer_is_a_span_of_a_block_the_reader_read(answerer):
 
 def test_top_k_changes_the_evidence_listed_not_the_answer(answerer):
     one, six = answerer(QUESTION, top_k=1), answerer(QUESTION, top_k=6)
-    assert len(one.evidence) == 1 and len(six.evidence) == 6
+    assert len(six.evidence) == 6 and len(one.evidence) == (1 if one.block_id == one.evidence[0].block_id else 2)
     assert (one.answer, one.block_id) == (six.answer, six.block_id)
     assert one.score == pytest.approx(six.score)
     assert one.evidence[0].block_id == six.evidence[0].block_id
+
+
+def test_the_evidence_always_shows_the_block_the_answer_came_from_at_its_rank():
+    from types import SimpleNamespace
+
+    from realm_core.answer import answer_question
+
+    blocks = [SimpleNamespace(title=f"t{i}", text=f"text {i}") for i in range(6)]
+    retrieved, scores = [4, 2, 0, 5], [3.0, 2.0, 1.0, 0.5]
+
+    class Reader:  # the reader's best span sits in the block ranked `answer_rank`
+        store = SimpleNamespace(blocks=blocks)
+
+        def __init__(self, answer_rank):
+            self.block = retrieved[answer_rank - 1]
+
+        def predict(self, questions, reader_top_k, retrieve_k):
+            return [{"answer": "x", "score": 1.0, "block": self.block, "retrieved": retrieved, "retrieval_scores": scores}]
+
+    shown = answer_question(Reader(3), "q?", top_k=1, reader_top_k=4)
+    assert [(e.rank, e.block_id) for e in shown.evidence] == [(1, 4), (3, 0)] and shown.block_id == 0
+    assert sum(e.probability for e in shown.evidence) == pytest.approx(1.0)
+    inside = answer_question(Reader(2), "q?", top_k=2, reader_top_k=4)
+    assert [(e.rank, e.block_id) for e in inside.evidence] == [(1, 4), (2, 2)]
+
+
+def test_ask_refuses_an_empty_question_before_loading_any_model(project, monkeypatch):
+    import flows.cli
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(flows.cli, "_load_answerer", lambda root: pytest.fail("loaded the model for an empty question"))
+    result = CliRunner().invoke(app, ["ask", "  "])
+    assert result.exit_code != 0 and "the question is empty" in result.output
 
 
 # ----------------------------------------------------------------------------- realm ask

@@ -146,3 +146,7 @@ def test_realm_bench_runs_the_named_script_with_its_arguments(monkeypatch):
     assert all((Path(cwd) / "bench" / f"{name}.py").exists() for name in cli.BENCHES)
     unknown = CliRunner().invoke(cli.app, ["bench", "nope"])
     assert unknown.exit_code != 0 and "unknown benchmark" in unknown.output and len(calls) == 1
+    # --help after a name is the script's own (argparse prints its options); alone it is realm bench's
+    assert CliRunner().invoke(cli.app, ["bench", "quality", "--help"]).exit_code == 0 and calls[-1][0][2:] == ["--help"]
+    own = CliRunner().invoke(cli.app, ["bench", "--help"])
+    assert own.exit_code == 0 and "mechanics" in own.output and len(calls) == 2
