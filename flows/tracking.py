@@ -5,6 +5,7 @@ passes its id to the stage processes in `REALM_MLFLOW_PARENT_RUN_ID`; each stage
 nested under it (a stage run alone opens a top-level run). A stage run holds the params
 flattened from params.yaml, per-step metrics, the metrics JSON and a loss-curve plot, and tags
 (git commit, Prefect flow-run id, DVC experiment name, the dvc.lock md5 of its outputs).
+Every stage's result also holds its peak resident memory (`peak_rss_mb`, `peak_rss_children_mb`).
 
 Everything goes through `MlflowClient` with explicit run ids: MLflow's fluent active run is
 thread-local and Prefect may run task code in worker threads (DESIGN.md 2, pitfalls).
@@ -32,6 +33,7 @@ from flows.env import project_root
 from flows.resume import link_resumed_run, process_tags
 from realm_core.config import Params, load_params
 from realm_core.io import atomic_write_text, write_json
+from realm_core.memory import children_peak_rss_mb, peak_rss_mb
 from realm_core.paths import Paths
 
 PARENT_RUN_ENV = "REALM_MLFLOW_PARENT_RUN_ID"
@@ -237,8 +239,27 @@ class StageContext:
         return {k: self.recorder.last[k] for k in keys if k in self.recorder.last}
 
     def set_final(self, metrics: dict[str, float]) -> None:
-        """The stage's result: written to metrics/<stage>.json (DVC) and to the MLflow run."""
+        """The stage's result: written to metrics/<stage>.json (DVC) and to the MLflow run, with the
+        stage's peak memory added on success (`peak_rss_mb`, `peak_rss_children_mb`, realm_core/memory.py)."""
         self.final = {k: float(v) for k, v in metrics.items()}
+
+
+# Issue 13: the full-corpus default pipeline stays under 8 GB. A stage above it warns (it does not fail).
+MEMORY_BUDGET_MB = 8192.0
+
+
+def _add_peak_memory(ctx: StageContext) -> None:
+    """Put the stage's peak resident memory in MB into its result: its own, and the largest its
+    children reported (pre-training's index builder; Dask or Ray workers report none;
+    realm_core/memory.py says why not getrusage). Warn when the two exceed the budget."""
+    memory = {"peak_rss_mb": peak_rss_mb(), "peak_rss_children_mb": children_peak_rss_mb()}
+    ctx.final = {**ctx.final, **memory}
+    total = sum(memory.values())  # the builder runs beside the trainer: an upper bound of their peak together
+    if total > MEMORY_BUDGET_MB:
+        from tasks.training import run_logger
+
+        run_logger().warning("stage %s peaked at %.0f MB resident (%.0f MB itself + %.0f MB its largest child), over the %.0f MB budget",
+                             ctx.stage, total, memory["peak_rss_mb"], memory["peak_rss_children_mb"], MEMORY_BUDGET_MB)
 
 
 def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
@@ -262,6 +283,7 @@ def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params
 
 def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
     paths, stage = ctx.paths, ctx.stage
+    _add_peak_memory(ctx)  # the stage's work, before the plot and the output hashing below
     metrics_file = paths.metrics(stage)
     write_json(metrics_file, ctx.final)
     client.log_batch(ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()])

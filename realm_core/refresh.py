@@ -21,7 +21,9 @@ Two refreshers with one interface (`initial`, `step`, `close`, `records`):
   `max_staleness` steps have passed since the snapshot (a bound on staleness; 0 = none).
 
 Every swap is a `RefreshRecord`: the step of the snapshot, the step it was swapped in
-(staleness = swap - snapshot), the build time, and the time the trainer was blocked.
+(staleness = swap - snapshot), the build time, and the time the trainer was blocked. The builder
+sends its own peak memory with every result and when it stops; the trainer records it as its
+child's (realm_core/memory.py: getrusage cannot measure a spawned child).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from realm_core import distributed
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir
+from realm_core.memory import note_child_peak, peak_rss_mb
 from realm_core.modeling import Embedder, load_embedder, load_tokenizer, save_embedder
 
 
@@ -188,13 +191,14 @@ class AsyncRefresher(Refresher):
         must_wait = bool(self.max_staleness) and step - self.pending >= self.max_staleness
         while True:
             try:
-                kind, snapshot, payload = self._results.get(timeout=1.0) if must_wait else self._results.get_nowait()
+                kind, snapshot, payload, builder_peak_mb = self._results.get(timeout=1.0) if must_wait else self._results.get_nowait()
                 break
             except queue.Empty:
                 if not self._proc.is_alive():
                     raise RuntimeError(f"the index builder process died (exit code {self._proc.exitcode}); see its output above") from None
                 if not must_wait:
                     return None
+        note_child_peak(builder_peak_mb)
         if kind == "error":
             raise RuntimeError(f"the index builder failed on the snapshot of step {snapshot}:\n{payload}")
         index = DenseIndex.load(self.work_dir / f"index-{snapshot}")
@@ -209,9 +213,19 @@ class AsyncRefresher(Refresher):
             if self._proc.is_alive():
                 self._proc.terminate()
                 self._proc.join()
+            elif self._proc.exitcode == 0:
+                self._note_last_peaks()
             self._proc = None
         torch.set_num_threads(self.trainer_threads)
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _note_last_peaks(self) -> None:
+        """The peaks in the builder's last messages (a dropped build's, its peak when it stopped)."""
+        while True:
+            try:
+                note_child_peak(self._results.get_nowait()[3])
+            except queue.Empty:
+                return
 
 
 def _next_job(jobs: mp.Queue, parent: int) -> int | None:
@@ -240,9 +254,10 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
             index = build_index(load_embedder(snapshot).to(device), store, torch.device(device), batch_size, progress=None, meta={"snapshot_step": step}, precision=precision)
             index.save(work / f"index-{step}")
             shutil.rmtree(snapshot, ignore_errors=True)
-            results.put(("done", step, time.perf_counter() - start))
+            results.put(("done", step, time.perf_counter() - start, peak_rss_mb()))
         except Exception:  # report to the trainer, which raises with this traceback
-            results.put(("error", step, traceback.format_exc()))
+            results.put(("error", step, traceback.format_exc(), peak_rss_mb()))
+    results.put(("stopped", -1, None, peak_rss_mb()))
 
 
 def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
