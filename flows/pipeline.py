@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.env import project_root
-from flows.tracking import PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id, tracking_client
+from flows.tracking import MEMORY_KEYS, PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id, tracking_client
 from realm_core.config import Params, ParamsError, flatten, load_params
 from realm_core.paths import Paths
 
@@ -123,6 +123,14 @@ def read_metrics(root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def parent_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """What the parent run shows: the evaluation, and the pipeline's peak memory (the stages run one
+    after another, so the largest stage's own plus its builder's) instead of evaluate's alone."""
+    out = {k: v for k, v in metrics.get("evaluate", {}).items() if k not in MEMORY_KEYS}
+    peaks = [m["peak_rss_mb"] + m.get("peak_rss_children_mb", 0.0) for m in metrics.values() if "peak_rss_mb" in m]
+    return {**out, **({"pipeline_peak_rss_mb": max(peaks)} if peaks else {})}
+
+
 @flow(name="realm-pipeline", log_prints=True)
 def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name: str | None = None, root: str | None = None, temp: bool = False) -> dict:
     """Run the stale stages (or an experiment) through DVC under one MLflow parent run."""
@@ -153,7 +161,7 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
             final = client.get_run(children["evaluate"][0]).data.metrics
             metrics["evaluate"] = {k.removeprefix("final_"): v for k, v in final.items() if k.startswith("final_")}
         now = int(time.time() * 1000)
-        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.get("evaluate", {}).items()])
+        client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in parent_metrics(metrics).items()])
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

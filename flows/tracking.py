@@ -246,13 +246,14 @@ class StageContext:
 
 # Issue 13: the full-corpus default pipeline stays under 8 GB. A stage above it warns (it does not fail).
 MEMORY_BUDGET_MB = 8192.0
+MEMORY_KEYS = ("peak_rss_mb", "peak_rss_children_mb")
 
 
 def _add_peak_memory(ctx: StageContext) -> None:
     """Put the stage's peak resident memory in MB into its result: its own, and the largest its
     children reported (pre-training's index builder; Dask or Ray workers report none;
     realm_core/memory.py says why not getrusage). Warn when the two exceed the budget."""
-    memory = {"peak_rss_mb": peak_rss_mb(), "peak_rss_children_mb": children_peak_rss_mb()}
+    memory = dict(zip(MEMORY_KEYS, (peak_rss_mb(), children_peak_rss_mb())))
     ctx.final = {**ctx.final, **memory}
     total = sum(memory.values())  # the builder runs beside the trainer: an upper bound of their peak together
     if total > MEMORY_BUDGET_MB:

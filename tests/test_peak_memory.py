@@ -99,3 +99,13 @@ def test_the_index_builder_reports_its_own_peak_to_the_trainer(tiny, models, tmp
         refresher.close()  # what pretrain() does in its finally, before the stage writes its result
     assert built > 0  # sent with its index
     assert builder.exitcode == 0 and memory.children_peak_rss_mb() >= max(built, held)  # and when it stopped
+
+
+def test_the_parent_run_shows_the_pipelines_peak_not_evaluates_memory_as_the_evaluation():
+    from flows.pipeline import parent_metrics
+
+    metrics = {"ict": {"ict_loss": 1.0, "peak_rss_mb": 900.0, "peak_rss_children_mb": 0.0},
+               "pretrain": {"loss": 2.0, "peak_rss_mb": 1500.0, "peak_rss_children_mb": 700.0},
+               "evaluate": {"exact_match": 5.0, "peak_rss_mb": 800.0, "peak_rss_children_mb": 0.0}}
+    assert parent_metrics(metrics) == {"exact_match": 5.0, "pipeline_peak_rss_mb": 2200.0}
+    assert parent_metrics({"evaluate": {"exact_match": 5.0}}) == {"exact_match": 5.0}
