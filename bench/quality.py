@@ -80,7 +80,7 @@ from realm_core.modeling import (  # noqa: E402
 from realm_core.questions import QAExample  # noqa: E402
 
 from bench.publish import publish  # noqa: E402
-from bench.quality_report import markdown_report, plot_recall_curves  # noqa: E402
+from bench.quality_report import markdown_report, plot_comparisons, plot_recall_curves  # noqa: E402
 
 KS = (1, 5, 20)
 PASSAGE_TOKENS = 256
@@ -501,8 +501,9 @@ def main() -> None:
     results["training_overlap_by_title"] = training_overlap(benchmarks, models.blocks)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out
-    files = [out / "quality.json", out / "quality.md", out / "quality_recall_at_k.png"]
-    publish(results, files, markdown_report, plot_recall_curves, None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)))
+    files = [out / "quality.json", out / "quality.md", out / "quality_recall_at_k.png", out / "quality_comparisons.png"]
+    plots = lambda r, recall_png: (plot_recall_curves(r, recall_png), plot_comparisons(r, files[3]))  # noqa: E731
+    publish(results, files, markdown_report, plots, None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)))
 
 
 if __name__ == "__main__":

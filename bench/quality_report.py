@@ -139,3 +139,33 @@ def plot_recall_curves(results: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_comparisons(results: dict, path: Path) -> Path:
+    """The paired differences a - b with their bootstrap 95% intervals, one panel per question set:
+    a claim holds where the whole interval is right of 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results.get("comparisons", [])
+    sets = list(dict.fromkeys(c["set"] for c in rows)) or ["(none)"]
+    height = max(len([c for c in rows if c["set"] == s]) for s in sets) if rows else 1
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 0.45 * height + 1.6), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        mine = [c for c in rows if c["set"] == name]
+        ys = range(len(mine))
+        ax.errorbar([c["diff"] for c in mine], ys, xerr=[[c["diff"] - c["ci_low"] for c in mine], [c["ci_high"] - c["diff"] for c in mine]],
+                    fmt="o", color="black", ecolor="tab:blue", capsize=3)
+        ax.axvline(0, color="tab:red", lw=1)
+        ax.set_yticks(list(ys), [f"{c['metric'].replace('zero_shot_recall_at_', 'R@')}: {c['a']} - {c['b']}" for c in mine], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("difference in points (95% CI, paired bootstrap)")
+        ax.set_title(f"{_label(name)} ({mine[0]['questions'] if mine else 0} q)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -20,7 +20,7 @@ from bench.quality import (
     run,
     slot_context,
 )
-from bench.quality_report import markdown_report, plot_recall_curves
+from bench.quality_report import markdown_report, plot_comparisons, plot_recall_curves
 from realm_core.benchmarks import Benchmark
 from realm_core.config import Params
 from realm_core.corpus import Passage
@@ -134,6 +134,7 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     assert "tiny by source" in report and "tiny2 by source" not in report  # per-source table only with several sources
     png = plot_recall_curves(results, tmp_path / "curve.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_comparisons(results, tmp_path / "comparisons.png").read_bytes()[:4] == b"\x89PNG"
     _check_mlflow_run(results, png, tmp_path)
 
 
