@@ -115,9 +115,10 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     import logging
 
     from realm_core.config import load_params
+    from realm_core.paths import backbone_dir
 
-    try:
-        load_params(root / "params.yaml")  # bad params: one message, before Prefect starts a server
+    try:  # bad params or a non-BERT backbone: one message, before Prefect starts a server
+        backbone_dir(load_params(root / "params.yaml").model.backbone, root)
     except _user_errors() as exc:
         _fail(str(exc))
     flow_fn = getattr(importlib.import_module(f"flows.{name.value}"), f"{name.value}_flow")

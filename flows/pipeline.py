@@ -27,15 +27,16 @@ from prefect.artifacts import create_table_artifact
 from flows.env import project_root
 from flows.tracking import MEMORY_KEYS, PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id, tracking_client
 from realm_core.config import Params, ParamsError, flatten, load_params
-from realm_core.paths import Paths
+from realm_core.paths import Paths, backbone_dir
 
 
 class PipelineError(RuntimeError):
     """DVC exited non-zero; the stage's own error is printed above."""
 
 
-def check_overrides(params_file: Path, overrides: list[str]) -> None:
-    """Validate params.yaml and the `-S key=value` overrides on it before DVC sees them."""
+def check_overrides(params_file: Path, overrides: list[str]) -> Params:
+    """Validate params.yaml and the `-S key=value` overrides on it before DVC sees them, and the
+    backbone they name (its config.json must be a BERT's); return the params a run would use."""
     load_params(params_file)
     raw = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
     known = set(flatten(Params().model_dump()))
@@ -49,9 +50,11 @@ def check_overrides(params_file: Path, overrides: list[str]) -> None:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     try:
-        Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except Exception as exc:  # pydantic ValidationError, reported with the override named
         raise ParamsError(f"-S {' -S '.join(overrides)}: {exc}") from None
+    backbone_dir(params.model.backbone, params_file.parent)  # InputError before any stage runs
+    return params
 
 
 PROFILES_DIR = "profiles"

@@ -28,6 +28,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from realm_core.config import RunnerParams
 
 RAY_INSTALL = "pip install -e '.[ray]'  (or: pip install 'prefect-ray>=0.6,<0.7')"
+LOOPBACK = "127.0.0.1"
 
 
 def make_task_runner(runner: RunnerParams) -> TaskRunner:
@@ -41,7 +42,9 @@ def make_task_runner(runner: RunnerParams) -> TaskRunner:
             return DaskTaskRunner(address=runner.address)
         # Processes, 1 thread each: the GIL never serialises the shards, and each worker's torch
         # uses one thread (Dask's nanny sets OMP_NUM_THREADS=1), so N workers fill N cores.
-        cluster = {"n_workers": runner.workers, "threads_per_worker": 1, "processes": True}
+        # Loopback only: the scheduler, workers and dashboard (Dask's default ":8787" is every
+        # interface) listen on 127.0.0.1 (issue #16, 7); a busy 8787 falls back to a free port.
+        cluster = {"n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:8787"}
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
     if runner.type == "ray":
         try:

@@ -28,6 +28,7 @@ from realm_core.modeling import Embedder, SpanReader, backbone_dir, load_embedde
 from realm_core.paths import Paths
 
 MAKE_IT = "run `realm run` to create it (the pipeline's corpus and finetune stages write data/)"
+MAX_QUESTION_CHARS = 2000  # the query embedder reads model.max_query_tokens wordpieces anyway (48 by default)
 
 
 @dataclass
@@ -67,6 +68,8 @@ def check_question(question: str, top_k: int = 5, reader_top_k: int = 4) -> None
     """The checks on a question that need no model: run before loading one (seconds saved on a typo)."""
     if not question.strip():
         raise InputError("the question is empty; ask a question, e.g. realm ask \"who wrote hamlet?\"")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"the question has {len(question):,} characters, more than {MAX_QUESTION_CHARS:,}; ask a shorter question")
     if top_k < 1 or reader_top_k < 1:
         raise InputError(f"top_k and reader_top_k must be >= 1, got {top_k} and {reader_top_k}")
 

@@ -73,7 +73,7 @@ def _squad_json(path: Path) -> Any:
                 raw = zf.read(names[0])
         else:
             raw = path.read_bytes()
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8-sig"))  # a byte order mark is not JSON
     except zipfile.BadZipFile:
         raise InputError(f"{path}: not a valid zip file; re-download the SQuAD release") from None
     except UnicodeDecodeError as exc:

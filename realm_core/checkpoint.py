@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from realm_core import distributed
-from realm_core.io import InputError
+from realm_core.io import InputError, report_disk_full
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -65,6 +65,7 @@ TEMP_DIR = re.compile(r"^\.step-\d+\.tmp-(\d+)$")
 Rng = random.Random | np.random.Generator | torch.Generator
 
 logger = logging.getLogger(__name__)
+CHECKPOINT_DISK_FULL_FIX = "free space there, or save checkpoints less often (<stage>.checkpoint_every in params.yaml; 0 = off)"
 
 
 @dataclass
@@ -314,15 +315,16 @@ class Checkpointer:
         """Write checkpoint `step-<step>` atomically and keep only the newest `keep`."""
         if self.before_save is not None:
             self.before_save(step)
-        self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step-{step:06d}"
         tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            meta = self._write_files(tmp, step, state, data_position, extra or {}, rank_rngs or {})
-            _write_json_durably(tmp / STATE_FILE, meta)
-            _fsync(tmp)
+            with report_disk_full(final, CHECKPOINT_DISK_FULL_FIX):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                meta = self._write_files(tmp, step, state, data_position, extra or {}, rank_rngs or {})
+                _write_json_durably(tmp / STATE_FILE, meta)
+                _fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)

@@ -451,6 +451,30 @@ def corpus_stats(blocks: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenize
     }
 
 
+def check_usable(blocks: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]], dev: Sequence[dict[str, Any]], params: CorpusParams, root: Path | None = None) -> None:
+    """Refuse, naming the input, a corpus the later stages cannot train on: the inverse cloze task
+    needs two blocks of two or more sentences (realm_core.ict.ict_candidates: one sentence is the
+    query, the rest its evidence), the encoder warm-up and salient span masking need salient spans
+    (section 3.4), and fine-tuning and evaluation need a training and a dev question."""
+    source = "corpus.source=vital" if params.source == "vital" else str(resolve_input(params.source, root))
+    usable = sum(len(b["sentences"]) >= 2 for b in blocks)
+    if usable < 2:
+        raise InputError(
+            f"{source}: {usable} of the {len(blocks)} blocks hold two or more sentences (of {MIN_SENTENCE_WORDS}+ words); the inverse cloze task "
+            "(ict stage) needs at least 2 such blocks: give passages of several full sentences each"
+        )
+    if not any(b["spans"] for b in blocks):
+        raise InputError(
+            f"{source}: no sentence holds a salient span (a named entity or a date); the encoder warm-up and salient span masking "
+            "need them: give passages of ordinary prose that name people, places or dates"
+        )
+    if params.qa_train is None and params.qa_fraction > 0 and not (train and dev):
+        raise InputError(
+            f"{source}: {len(train)} training and {len(dev)} dev cloze questions could be made; fine-tuning and evaluation need at least one "
+            "of each: give more passages (corpus.max_passages), raise corpus.qa_fraction, or give question files (corpus.qa_train and corpus.qa_dev)"
+        )
+
+
 def finish_corpus(
     blocks: Sequence[dict[str, Any]],
     params: CorpusParams,
@@ -477,6 +501,7 @@ def finish_corpus(
         extra = load_extra_questions(params.qa_train_extra, root)
         train = [*train, *extra]
         qa_stats = {**qa_stats, "qa_train_extra": len(extra), "qa_train": len(train)}
+    check_usable(blocks, train, dev, params, root)
     blocks = number_blocks(blocks)
     out_dir = Path(out_dir)
     write_jsonl(out_dir / "blocks.jsonl", blocks)

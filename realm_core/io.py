@@ -3,10 +3,15 @@
 A stage writes into a temporary sibling directory and renames it into place only on
 success, so a killed stage never leaves a half-written artefact that DVC would cache
 (DESIGN.md 2). Nothing here uses pickle.
+
+A full disk is bad input too: every writer here (and the model and checkpoint savers, through
+`report_disk_full`) turns ENOSPC into one InputError naming the file, instead of a traceback
+without a path. Text inputs may start with a UTF-8 byte order mark; `decode_line` drops it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +23,32 @@ from typing import Any
 
 class InputError(ValueError):
     """Bad user input; the message names the file (and line) and says how to fix it."""
+
+
+NO_SPACE = "no space left on device"
+NO_SPACE_FIX = "free space on that disk, or move the project (its data/ and runs/) to a disk with room"
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")  # safetensors: IoError(Os { code: 28, kind: StorageFull, .. })
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT as an OSError, or wrapped in a library's own error (safetensors, faiss)."""
+    if isinstance(exc, InputError):
+        return False
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in _NO_SPACE_ERRNOS
+    return any(text in str(exc) for text in _NO_SPACE_TEXT)
+
+
+@contextmanager
+def report_disk_full(path: Path, fix: str = NO_SPACE_FIX) -> Iterator[None]:
+    """Around a write of `path`: a full disk becomes one InputError naming `path` and the fix."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise InputError(f"{path}: {NO_SPACE} while writing it; {fix}") from None
+        raise
 
 
 @contextmanager
@@ -35,7 +66,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
+        with report_disk_full(final):  # whatever the stage wrote inside, named by its output
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -64,9 +96,14 @@ def _remove_dead_siblings(final: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        with report_disk_full(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -77,21 +114,27 @@ def write_json(path: Path, obj: Any) -> None:
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSON lines (atomically); return the number written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
+    try:
+        with report_disk_full(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    n += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return n
 
 
 def decode_line(raw: bytes, path: Path, lineno: int) -> str:
-    """One line of a UTF-8 text file; bad bytes raise InputError naming file:line."""
+    """One line of a UTF-8 text file; bad bytes raise InputError naming file:line. A byte order
+    mark at the start of line 1 (Excel, Notepad) is dropped: it is not part of the first field."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
 

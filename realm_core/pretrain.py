@@ -30,6 +30,7 @@ from realm_core.blocks import BlockStore, doc_batch, query_batch
 from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.config import PretrainParams
 from realm_core.index import DenseIndex
+from realm_core.io import InputError
 from realm_core.logging import StepLogger, null_logger
 from realm_core.masking import MASKINGS, MaskedQuery, encoder_inputs, make_queries, masked_query, random_span_queries, random_token_queries, salient_span_queries  # noqa: F401 (re-exported)
 from realm_core.modeling import NULL_BLOCK, KnowledgeAugmentedEncoder, Retriever, marginal_log_likelihood, retrieval_utility
@@ -47,6 +48,21 @@ def select_candidates(retrieved: np.ndarray, source: int, k: int) -> list[int]:
             if len(out) == k:
                 break
     return out
+
+
+def check_top_k(top_k: int, store: BlockStore, *, null_block: bool = True, exclude_source: bool = True) -> None:
+    """pretrain.top_k candidates per query need `need` blocks in the corpus: top_k - 1 retrieved ones
+    beside the null block (top_k without it), plus the query's own block, which is never a candidate.
+    Checked as the ict stage starts, so ICT never trains for a pre-training that cannot run."""
+    retrieved = top_k - 1 if null_block else top_k
+    need = retrieved + int(exclude_source)
+    if len(store) >= need:
+        return
+    largest = len(store) - int(exclude_source) + int(null_block)
+    parts = [f"{retrieved} retrieved" + (" beside the null block" if null_block else ""), *(["plus the query's own block, never a candidate"] if exclude_source else [])]
+    fix = f"set pretrain.top_k to at most {largest}, or use more passages (corpus.max_passages)" if largest >= 2 else "use more passages (corpus.max_passages)"
+    where = store.source or "the corpus"
+    raise InputError(f"{where}: pretrain.top_k={top_k} needs {need} blocks ({', '.join(parts)}), but the corpus has {len(store)}; {fix}")
 
 
 class NullScore(nn.Module):
@@ -104,8 +120,7 @@ class Pretrainer:
     ):
         if top_k < 2:
             raise ValueError("pretrain.top_k counts the null block, so it must be at least 2")
-        if len(store) < top_k:
-            raise ValueError(f"pretrain.top_k={top_k} needs at least {top_k} blocks (null block + {top_k - 1} retrieved, source excluded); the corpus has {len(store)}")
+        check_top_k(top_k, store, null_block=null_block, exclude_source=exclude_source)
         self.retriever, self.encoder, self.store = retriever.to(device), encoder.to(device), store
         self.null = NullScore().to(device)
         self.top_k, self.device, self.embed_batch_size, self.loss_form = top_k, device, embed_batch_size, loss_form

@@ -298,7 +298,7 @@ def _looks_like_json_lines(path: Path) -> bool:
     with path.open("rb") as f:
         for raw in f:
             if raw.strip():
-                return raw.lstrip().startswith(b"{")
+                return raw.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{")  # after a UTF-8 byte order mark
     return True
 
 

@@ -46,7 +46,7 @@ from realm_core.modeling import (
 )
 from realm_core.paths import Paths
 from realm_core.precision import resolve_embed_precision
-from realm_core.pretrain import Pretrainer, pretrain
+from realm_core.pretrain import Pretrainer, check_top_k, pretrain
 from realm_core.reading import pretraining_queries, warmup_encoder
 from realm_core.refresh import make_refresher
 
@@ -98,11 +98,18 @@ def load_store(params: Params, paths: Paths) -> BlockStore:
     return BlockStore.load(paths.blocks, tokenizer, params.corpus.max_block_tokens)
 
 
+def check_pretrain_top_k(params: Params, store: BlockStore) -> None:
+    """pretrain.top_k against the corpus, as soon as a stage has read it (InputError naming blocks.jsonl)."""
+    c = params.pretrain
+    check_top_k(c.top_k, store, null_block=c.null_block, exclude_source=c.exclude_source)
+
+
 @task(cache_policy=NO_CACHE)
 def train_ict_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) -> Path:
     """Inverse cloze task warm start of both embedders (ORQA); saves out_dir/retriever."""
     seed_everything(params.seed)
     store = load_store(params, paths)
+    check_pretrain_top_k(params, store)  # before ICT trains for a pre-training that cannot run
     device = resolve_device(params.device)
     retriever = new_retriever(params)
     run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
@@ -175,6 +182,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     """
     seed_everything(params.seed)
     store = load_store(params, paths)
+    check_pretrain_top_k(params, store)
     device = resolve_device(params.device)
     c = params.pretrain
     q = pretraining_queries(store, c, params.model.max_query_tokens, params.seed)

@@ -129,3 +129,53 @@ def test_every_cli_server_binds_loopback_by_default():
             hosts[command.name or command.callback.__name__] = params["host"].default
     assert set(hosts) >= {"ui", "serve-api"}
     assert set(hosts.values()) == {"127.0.0.1"}, hosts
+
+
+WILDCARD = ("0.0.0.0", "::")
+
+
+def _listening_sockets() -> set[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket of this process and its children."""
+    import psutil
+
+    me = psutil.Process()
+    out = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            out |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # a child that exited meanwhile
+            continue
+    return out
+
+
+def _sockets_opened_by(runner) -> set[tuple[int, str, int]]:
+    """The listening sockets that appear while the task runner's local cluster is up."""
+    before = _listening_sockets()
+    with runner:
+        if hasattr(type(runner), "client"):
+            runner.client  # noqa: B018 - prefect-dask starts its LocalCluster on first use
+        return _listening_sockets() - before
+
+
+@pytest.mark.timeout(180)
+def test_a_local_dask_cluster_listens_on_loopback_only():
+    """runner.type: dask used to serve its dashboard on 0.0.0.0:8787 (issue #16, 7)."""
+    pytest.importorskip("psutil")
+    pytest.importorskip("prefect_dask")
+    from flows.runners import make_task_runner
+    from realm_core.config import RunnerParams
+
+    opened = _sockets_opened_by(make_task_runner(RunnerParams(type="dask", workers=1)))
+    assert len({pid for pid, _, _ in opened}) >= 2, opened  # the scheduler here, the worker in its own process
+    assert not [s for s in opened if s[1] in WILDCARD], opened
+
+
+@pytest.mark.timeout(300)
+def test_a_local_ray_listens_on_loopback_only():
+    pytest.importorskip("psutil")
+    pytest.importorskip("prefect_ray")
+    from flows.runners import make_task_runner
+    from realm_core.config import RunnerParams
+
+    opened = _sockets_opened_by(make_task_runner(RunnerParams(type="ray", workers=1)))
+    assert opened and not [s for s in opened if s[1] in WILDCARD], opened
