@@ -84,7 +84,9 @@ class PretrainParams(_Section):
     top_k: int = Field(8, ge=2, description="candidates incl. the null block; REALM: 8")
     refresh_every: int = Field(20, ge=0, description="0 = never refresh")
     refresh_mode: Literal["async", "sync"] = Field("async", description="async = index builder in a separate process (section 3.3); sync = in the trainer")
-    max_staleness: int = Field(0, ge=0, description="async: wait for a pending index once it is this many steps old; 0 = never wait")
+    refresh_lag: int = Field(5, ge=0, description="async: the index snapshotted at step s is swapped in at exactly step s + refresh_lag, the trainer "
+                             "waiting only if the build is late, so results do not depend on load; 0 = whenever it is ready (load-dependent)")
+    max_staleness: int = Field(0, ge=0, description="async with refresh_lag 0: wait for a pending index once it is this many steps old; 0 = never wait")
     refresh_threads: int = Field(1, ge=1, description="async: CPU threads of the index builder (the trainer keeps the rest)")
     best_window: int = Field(10, ge=1, description="steps per window of mean retrieval utility that picks the best checkpoint")
     checkpoint_every: int = Field(20, ge=0, description="save resumable state to runs/pretrain every N steps (a multiple of refresh_every resumes exactly in sync mode); 0 = off")

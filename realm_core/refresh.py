@@ -155,9 +155,10 @@ class AsyncRefresher(Refresher):
     (synchronous) build, so its start-up cost is hidden.
     """
 
-    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32"):
+    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, *, work_dir: Path, lag: int = 0,
+                 max_staleness: int = 0, threads: int = 1, precision: str = "fp32"):
         super().__init__(store, device, batch_size, refresh_every, precision)
-        self.work_dir, self.max_staleness, self.threads = Path(work_dir), max_staleness, threads
+        self.work_dir, self.lag, self.max_staleness, self.threads = Path(work_dir), lag, max_staleness, threads
         self.trainer_threads = torch.get_num_threads()
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True)
@@ -187,8 +188,12 @@ class AsyncRefresher(Refresher):
         torch.set_num_threads(max(1, self.trainer_threads - self.threads))
 
     def _poll(self, step: int) -> tuple[DenseIndex, float] | None:
+        """The built index when it is due: with `lag`, at exactly step pending + lag (waiting for a late
+        build), so which index each step uses never depends on load; else as soon as it is ready."""
         assert self.pending is not None and self._proc is not None
-        must_wait = bool(self.max_staleness) and step - self.pending >= self.max_staleness
+        if self.lag and step - self.pending < self.lag:
+            return None
+        must_wait = bool(self.lag) or (bool(self.max_staleness) and step - self.pending >= self.max_staleness)
         while True:
             try:
                 kind, snapshot, payload, builder_peak_mb = self._results.get(timeout=1.0) if must_wait else self._results.get_nowait()
@@ -228,6 +233,18 @@ class AsyncRefresher(Refresher):
                 return
 
 
+BUILDER_DELAY_ENV = "REALM_TEST_BUILDER_DELAY_SECONDS"
+
+
+def planned_refreshes(steps: int, refresh_every: int, lag: int) -> int:
+    """Indexes swapped in during `steps` training steps when step s + lag swaps in the snapshot of
+    step s and the next snapshot waits for that swap (async with refresh_lag; sync: lag 0)."""
+    if not refresh_every:
+        return 0
+    period = max(refresh_every, lag)
+    return len(range(refresh_every + lag, steps, period))
+
+
 def _next_job(jobs: mp.Queue, parent: int) -> int | None:
     """The next snapshot step, or None to stop: when told to, or when the trainer is gone (even SIGKILLed)."""
     while True:
@@ -245,11 +262,13 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
     os.getppid() here would already be the reaper's.
     """
     torch.set_num_threads(threads)
+    delay = float(os.environ.get(BUILDER_DELAY_ENV, "0"))  # fault injection: a slow builder (tests of refresh_lag)
     work = Path(work_dir)
     store = BlockStore.load(Path(blocks), load_tokenizer(work / "tokenizer"), max_block_tokens)
     while (step := _next_job(jobs, parent)) is not None:
         try:
             start = time.perf_counter()
+            time.sleep(delay)
             snapshot = work / f"embedder-{step}"
             index = build_index(load_embedder(snapshot).to(device), store, torch.device(device), batch_size, progress=None, meta={"snapshot_step": step}, precision=precision)
             index.save(work / f"index-{step}")
@@ -260,7 +279,8 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
     results.put(("stopped", -1, None, peak_rss_mb()))
 
 
-def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
+def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, lag: int = 0,
+                   max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
     """The refresher for `pretrain.refresh_mode` (with `refresh_every: 0` nothing is ever rebuilt, so no builder process).
 
     Under torchrun rank 0 alone builds (its refresher as in one process, sync or async) and
@@ -269,16 +289,17 @@ def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: tor
     if distributed.is_distributed():
         if not distributed.is_master():
             return SharedRefresher(None, store, device, batch_size, refresh_every, precision)
-        inner = _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
+        inner = _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
         return SharedRefresher(inner, store, device, batch_size, refresh_every, precision)
-    return _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
+    return _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
 
 
-def _make_local_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
+def _make_local_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, lag: int = 0,
+                          max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
     if mode == "sync" or refresh_every == 0:
         return SyncRefresher(store, device, batch_size, refresh_every, precision)
     if mode == "async":
-        return AsyncRefresher(store, device, batch_size, refresh_every, work_dir=work_dir, max_staleness=max_staleness, threads=threads, precision=precision)
+        return AsyncRefresher(store, device, batch_size, refresh_every, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
     raise ValueError(f"refresh_mode must be async or sync, got {mode!r}")
 
 

@@ -48,7 +48,7 @@ from realm_core.paths import Paths
 from realm_core.precision import resolve_embed_precision
 from realm_core.pretrain import Pretrainer, check_top_k, pretrain
 from realm_core.reading import pretraining_queries, warmup_encoder
-from realm_core.refresh import make_refresher
+from realm_core.refresh import make_refresher, planned_refreshes
 
 
 def seed_everything(seed: int) -> None:
@@ -192,7 +192,16 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     kernel = resolve_embed_precision(params.index.embed_precision, device)
     run_logger().info("index builds embed the blocks with %s (index.embed_precision=%s)", kernel, params.index.embed_precision)
     refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh",
-                               max_staleness=c.max_staleness, threads=c.refresh_threads, precision=kernel)
+                               lag=c.refresh_lag, max_staleness=c.max_staleness, threads=c.refresh_threads, precision=kernel)
+    lag = c.refresh_lag if c.refresh_mode == "async" else 0
+    planned = planned_refreshes(c.steps, c.refresh_every, lag)
+    if c.refresh_every and planned == 0:
+        run_logger().warning("pretrain.steps=%d is too short for any index refresh (refresh_every=%d, refresh_lag=%d): the whole run "
+                             "retrieves from the initial index; raise steps or lower refresh_every", c.steps, c.refresh_every, lag)
+    elif c.refresh_every and c.refresh_mode == "async" and not lag:
+        run_logger().warning("pretrain.refresh_lag=0: indexes are swapped in whenever the builder finishes, so results depend on the machine's load")
+    else:
+        run_logger().info("%d index refreshes planned (every %d steps, each swapped in %d steps after its snapshot)", planned, c.refresh_every, lag)
 
     best_dir = paths.scratch("pretrain") / "best"  # beside the checkpoints, so a resumed run keeps it
 

@@ -200,3 +200,39 @@ def test_on_index_metrics_are_logged_with_every_index_that_comes_into_use(tiny, 
     rows = [(s, m) for s, m in logged if "refresh_snapshot_step" in m]
     assert [s for s, _ in rows] == [0, 2, 4] and len(seen) == 3
     assert all(m["dev_recall@10"] == 100.0 and 0.0 <= m["dev_recall@1"] <= 100.0 for _, m in rows)  # 10 blocks: all retrieved
+
+
+def test_planned_refreshes_count_the_swaps_that_land_inside_the_run():
+    from realm_core.refresh import planned_refreshes
+
+    assert planned_refreshes(60, 20, 5) == 2  # swaps at 25 and 45 (the default run)
+    assert planned_refreshes(60, 20, 0) == 2  # sync: at 20 and 40
+    assert planned_refreshes(60, 10, 0) == 5
+    assert planned_refreshes(24, 20, 5) == 0  # too short: the warning's case
+    assert planned_refreshes(100, 10, 30) == 2  # lag > refresh_every: the next snapshot waits for the swap (40, 70; not 100)
+    assert planned_refreshes(100, 0, 5) == 0
+
+
+def _async_run(tiny, models, tmp_path, name: str) -> tuple[dict, list[tuple[int, int]], list[dict]]:
+    _, store = tiny
+    retriever, encoder = copy.deepcopy(models[0]), copy.deepcopy(models[1])
+    torch.manual_seed(0)
+    trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
+    refresher = make_refresher(3, "async", store, CPU, 4, work_dir=tmp_path / name, lag=2)
+    logged = []
+    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+                       refresher=refresher, seed=0, log=lambda m, s: logged.append({"step": s, **m}))
+    return summary, [(r.snapshot_step, r.swap_step) for r in refresher.records], logged
+
+
+def test_with_refresh_lag_a_slow_builder_changes_no_number_only_the_waiting(tiny, models, tmp_path, monkeypatch):
+    from realm_core.refresh import BUILDER_DELAY_ENV
+
+    timing = ("seconds", "wait")  # wall-clock measurements: the only keys allowed to differ
+    fast, fast_swaps, fast_log = _async_run(tiny, models, tmp_path, "fast")
+    monkeypatch.setenv(BUILDER_DELAY_ENV, "1.5")  # every build is late: the trainer must wait at s + lag
+    slow, slow_swaps, slow_log = _async_run(tiny, models, tmp_path, "slow")
+    assert fast_swaps == slow_swaps == [(0, 0), (3, 5), (6, 8)]  # each snapshot swapped in at exactly s + 2
+    same = lambda row: {k: v for k, v in row.items() if not any(t in k for t in timing)}  # noqa: E731
+    assert same(fast) == same(slow) and [same(r) for r in fast_log] == [same(r) for r in slow_log]
+    assert slow["refresh_wait_seconds"] > fast["refresh_wait_seconds"] + 1.0  # the slow builder cost waiting, nothing else
