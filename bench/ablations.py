@@ -46,7 +46,9 @@ def run_variant(name: str, overrides: list[str], stamp: str) -> dict:
 
     start = time.perf_counter()
     if overrides:
-        result = pipeline_flow(set_params=overrides, name=f"abl-{name.replace('_', '-')}-{stamp}", root=str(ROOT), temp=True)
+        result = pipeline_flow(
+            set_params=overrides, name=f"abl-{name.replace('_', '-')}-{stamp}", root=str(ROOT), temp=True
+        )
     else:
         result = pipeline_flow(root=str(ROOT))  # the baseline: the workspace's pipeline, only stale stages
     pretrain = result["metrics"].get("pretrain", {})
@@ -57,7 +59,9 @@ def run_variant(name: str, overrides: list[str], stamp: str) -> dict:
         "mlflow_parent_run": result["parent_run_id"],
         **{k: result["metrics"]["evaluate"].get(k) for k in COLUMNS},
         # a --temp run's metrics files stay in its copy: read its pre-training run from MLflow
-        "retrieval_utility_last_quarter": pretrain_utility(result["parent_run_id"]) if overrides else pretrain.get("retrieval_utility_last_quarter"),
+        "retrieval_utility_last_quarter": pretrain_utility(result["parent_run_id"])
+        if overrides
+        else pretrain.get("retrieval_utility_last_quarter"),
     }
 
 
@@ -78,14 +82,21 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
-        cells = [r["variant"], *(fmt(r[k]) for k in COLUMNS), fmt(r["retrieval_utility_last_quarter"]), f"{r['seconds']:.0f}"]
+        cells = [
+            r["variant"],
+            *(fmt(r[k]) for k in COLUMNS),
+            fmt(r["retrieval_utility_last_quarter"]),
+            f"{r['seconds']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants (the baseline always runs)")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(VARIANTS), help="run only these variants (the baseline always runs)"
+    )
     args = parser.parse_args()
     from flows.env import configure
 

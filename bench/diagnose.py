@@ -42,10 +42,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     cpu = torch.device("cpu")
     params = load_params(args.params)
-    store = BlockStore.load(args.data / "corpus" / "blocks.jsonl", load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
+    store = BlockStore.load(
+        args.data / "corpus" / "blocks.jsonl",
+        load_tokenizer(backbone_dir(params.model.backbone)),
+        params.corpus.max_block_tokens,
+    )
     q = pretraining_queries(store, params.pretrain, params.model.max_query_tokens, params.seed)
     rng = random.Random(params.seed)
-    randoms = [[next(z for z in iter(lambda: rng.randrange(len(store)), None) if z != p.block_id and z not in ev)] for p, ev in zip(q.probe.queries, q.probe.evidence)]
+    randoms = [
+        [next(z for z in iter(lambda: rng.randrange(len(store)), None) if z != p.block_id and z not in ev)]
+        for p, ev in zip(q.probe.queries, q.probe.evidence)
+    ]
     probes = {
         "evidence_gain": q.probe,
         "source_block_gain": Probe(q.probe.queries, [[p.block_id] for p in q.probe.queries]),
@@ -60,7 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     if (args.data / "pretrain" / "retriever").exists():
         # the paper's null score f(x, null): the learned scalar of `pretrain.null_bias` lives only in the run's metrics
         c = params.pretrain.model_copy(update={"null_bias": False, "null_block": True})
-        trainer = Pretrainer.from_params(load_retriever(args.data / "pretrain" / "retriever"), load_encoder(args.data / "pretrain" / "encoder"), store, c, cpu)
+        trainer = Pretrainer.from_params(
+            load_retriever(args.data / "pretrain" / "retriever"),
+            load_encoder(args.data / "pretrain" / "encoder"),
+            store,
+            c,
+            cpu,
+        )
         trainer.refresh_index(0)
         for m in trainer.modules().values():
             m.eval()
@@ -71,10 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
             answer_bearing_in_candidates=sum(found) / max(1, len(found)),
             median_null_prob_paper_score=float(logits.softmax(-1)[:, 0].median()),
         )
-    print(f"| stage | evidence gain | source-block gain | random-block gain |  ({len(q.probe)} probe queries, nats/token)")
+    print(
+        f"| stage | evidence gain | source-block gain | random-block gain |  ({len(q.probe)} probe queries, nats/token)"
+    )
     print("|---|---|---|---|")
     for stage, row in out["stages"].items():
-        print(f"| {stage} | {row['evidence_gain']:+.3f} | {row['source_block_gain']:+.3f} | {row['random_block_gain']:+.3f} |")
+        print(
+            f"| {stage} | {row['evidence_gain']:+.3f} | {row['source_block_gain']:+.3f} | {row['random_block_gain']:+.3f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     return out

@@ -33,7 +33,13 @@ def one_process(params, blocks: Path, doc: Path):
     from realm_core.modeling import backbone_dir, load_embedder, load_tokenizer, resolve_device
 
     store = BlockStore.load(blocks, load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
-    return embed_blocks(load_embedder(doc), store, resolve_device(params.device), params.pretrain.embed_batch_size, precision=params.index.embed_precision)
+    return embed_blocks(
+        load_embedder(doc),
+        store,
+        resolve_device(params.device),
+        params.pretrain.embed_batch_size,
+        precision=params.index.embed_precision,
+    )
 
 
 def main() -> None:
@@ -70,7 +76,14 @@ def main() -> None:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     reference = one_process(params, blocks, doc)
-    rows.append({"runner": f"one process, torch {torch.get_num_threads()} threads, no Prefect", "seconds": time.perf_counter() - start, "load_before": load, "max_abs_diff": 0.0})
+    rows.append(
+        {
+            "runner": f"one process, torch {torch.get_num_threads()} threads, no Prefect",
+            "seconds": time.perf_counter() - start,
+            "load_before": load,
+            "max_abs_diff": 0.0,
+        }
+    )
     for kind in args.runners:
         params.runner.type = kind
         params.runner.workers = args.workers
@@ -80,13 +93,22 @@ def main() -> None:
         seconds = time.perf_counter() - start
         assert index.ids.tolist() == list(range(n_blocks)), f"{kind}: ids differ"
         diff = float(np.abs(index.embeddings - reference).max())
-        rows.append({"runner": f"{kind} map, {args.workers} workers, {args.shards} shards", "seconds": seconds, "load_before": load, "max_abs_diff": diff})
+        rows.append(
+            {
+                "runner": f"{kind} map, {args.workers} workers, {args.shards} shards",
+                "seconds": seconds,
+                "load_before": load,
+                "max_abs_diff": diff,
+            }
+        )
 
     print(f"\nEmbedding {n_blocks} blocks ({args.blocks}) with {args.embedder}, {os.cpu_count()} CPUs\n")
     print("| runner | seconds | blocks/s | 1-min load before | max abs diff vs one process |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['runner']} | {r['seconds']:.1f} | {n_blocks / r['seconds']:.1f} | {r['load_before']:.2f} | {r['max_abs_diff']:.1e} |")
+        print(
+            f"| {r['runner']} | {r['seconds']:.1f} | {n_blocks / r['seconds']:.1f} | {r['load_before']:.2f} | {r['max_abs_diff']:.1e} |"
+        )
     out = ROOT / "bench" / "results" / "embed_runners.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"blocks": n_blocks, "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")

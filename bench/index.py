@@ -75,18 +75,35 @@ def embed_real(params: Any, n_queries: int, seed: int) -> dict[str, np.ndarray]:
 
     retriever = ROOT / "data" / "pretrain" / "retriever"
     if not (retriever / "doc").is_dir() or not all(p.is_file() for p in [*PASSAGES, QUESTIONS]):
-        raise SystemExit(f"real vectors need {retriever} (run the pipeline) and {DATA} (shared data); or pass --datasets random")
+        raise SystemExit(
+            f"real vectors need {retriever} (run the pipeline) and {DATA} (shared data); or pass --datasets random"
+        )
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     rows = [r for p in PASSAGES for r in read_jsonl(p)]
-    store = BlockStore([Block(i, r["title"], r["text"], [], []) for i, r in enumerate(rows)], load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
+    store = BlockStore(
+        [Block(i, r["title"], r["text"], [], []) for i, r in enumerate(rows)],
+        load_tokenizer(backbone_dir(params.model.backbone)),
+        params.corpus.max_block_tokens,
+    )
     cpu = torch.device("cpu")
-    docs = embed_blocks(load_embedder(retriever / "doc"), store, cpu, batch_size=64, progress="embed real passages", precision=params.index.embed_precision)
+    docs = embed_blocks(
+        load_embedder(retriever / "doc"),
+        store,
+        cpu,
+        batch_size=64,
+        progress="embed real passages",
+        precision=params.index.embed_precision,
+    )
     questions = read_jsonl(QUESTIONS)
-    pick = np.sort(np.random.default_rng(seed).choice(len(questions), size=min(n_queries, len(questions)), replace=False))
+    pick = np.sort(
+        np.random.default_rng(seed).choice(len(questions), size=min(n_queries, len(questions)), replace=False)
+    )
     query = load_embedder(retriever / "query").eval()
     seqs = [store.query_ids(questions[i]["question"], params.model.max_query_tokens) for i in pick]
     with torch.inference_mode():
-        queries = np.concatenate([query(**query_batch(store, seqs[s : s + 128], cpu)).numpy() for s in range(0, len(seqs), 128)])
+        queries = np.concatenate(
+            [query(**query_batch(store, seqs[s : s + 128], cpu)).numpy() for s in range(0, len(seqs), 128)]
+        )
     return {"docs": docs.astype(np.float32), "queries": queries.astype(np.float32)}
 
 
@@ -95,7 +112,11 @@ def real_vectors(params: Any, n_queries: int, seed: int, refresh: bool) -> dict[
     if cache.is_file() and not refresh:
         with np.load(cache, allow_pickle=False) as z:
             if len(z["queries"]) >= n_queries:
-                return {"docs": z["docs"], "queries": z["queries"][:n_queries], "embed_seconds": float(z["embed_seconds"])}
+                return {
+                    "docs": z["docs"],
+                    "queries": z["queries"][:n_queries],
+                    "embed_seconds": float(z["embed_seconds"]),
+                }
     start = time.perf_counter()
     vectors = embed_real(params, n_queries, seed)
     vectors["embed_seconds"] = np.float64(time.perf_counter() - start)
@@ -136,7 +157,15 @@ def recall_at(got: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), exact.tolist())]))
 
 
-def measure(kind: str, spec: IndexParams, base: np.ndarray, queries: np.ndarray, exact: np.ndarray, latency_queries: int, seed: int) -> dict[str, Any]:
+def measure(
+    kind: str,
+    spec: IndexParams,
+    base: np.ndarray,
+    queries: np.ndarray,
+    exact: np.ndarray,
+    latency_queries: int,
+    seed: int,
+) -> dict[str, Any]:
     """Build one index and time its queries (batch 1, batch 256); recall@10 against exact top-10 row numbers."""
     spec = spec.model_copy(update={"type": kind})
     ids = np.arange(len(base), dtype=np.int64)  # ids = rows, so results compare with faiss.knn's rows
@@ -167,13 +196,22 @@ def measure(kind: str, spec: IndexParams, base: np.ndarray, queries: np.ndarray,
     }
 
 
-def run_dataset(name: str, base: np.ndarray, queries: np.ndarray, spec: IndexParams, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_dataset(
+    name: str, base: np.ndarray, queries: np.ndarray, spec: IndexParams, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     start = time.perf_counter()
     _, exact = faiss.knn(queries, base, 10, metric=faiss.METRIC_INNER_PRODUCT)  # [Q, 10] exact rows
-    print(f"[{name} N={len(base):,}] exact top-10 of {len(queries)} queries: {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"[{name} N={len(base):,}] exact top-10 of {len(queries)} queries: {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     rows = []
     for kind in args.types:
-        row = {"data": name, "n": len(base), **measure(kind, spec, base, queries, exact, args.latency_queries, args.seed)}
+        row = {
+            "data": name,
+            "n": len(base),
+            **measure(kind, spec, base, queries, exact, args.latency_queries, args.seed),
+        }
         print("   ", row, flush=True)
         rows.append(row)
     return rows
@@ -215,8 +253,15 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivf_pq"], choices=["flat", "hnsw", "ivf_pq"])
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall and batch-256 latency")
     ap.add_argument("--latency-queries", type=int, default=100, help="queries timed one at a time")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="index knob override, e.g. hnsw.ef_search=256")
-    ap.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: all cores); 1 is faster when other jobs share the cores")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="index knob override, e.g. hnsw.ef_search=256"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="faiss OpenMP threads (default: all cores); 1 is faster when other jobs share the cores",
+    )
     ap.add_argument("--refresh-real", action="store_true", help="re-embed the real passages instead of using the cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "index.json")
     args = ap.parse_args()
@@ -235,10 +280,17 @@ def main() -> None:
             rows += run_dataset("random", gaussian(n, args.seed + n), queries, spec, args)
     if "real" in args.datasets:
         real = real_vectors(params, args.queries, args.seed, args.refresh_real)
-        real_info = {"real_vectors": len(real["docs"]), "queries": len(real["queries"]), "embed_seconds": round(real["embed_seconds"], 1), "scaled_by": "interpolation between 10 nearest real neighbours"}
+        real_info = {
+            "real_vectors": len(real["docs"]),
+            "queries": len(real["queries"]),
+            "embed_seconds": round(real["embed_seconds"], 1),
+            "scaled_by": "interpolation between 10 nearest real neighbours",
+        }
         rows += run_dataset("real", real["docs"], real["queries"], spec, args)
         for n in args.sizes:
-            rows += run_dataset("real-interp", interpolated(real["docs"], n, args.seed + n), real["queries"], spec, args)
+            rows += run_dataset(
+                "real-interp", interpolated(real["docs"], n, args.seed + n), real["queries"], spec, args
+            )
     seconds = time.perf_counter() - started
 
     table = markdown(rows)
@@ -247,7 +299,13 @@ def main() -> None:
     report = {
         "command": " ".join(["python", "bench/index.py", *sys.argv[1:]]),
         "seconds": round(seconds, 1),
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "faiss": faiss.__version__,
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "index_params": spec.model_dump(),
         "real": real_info,
         "rows": rows,

@@ -50,7 +50,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ from realm_core.blocks import embed_blocks, query_batch  # noqa: E402
 from realm_core.config import EncoderWarmupParams, PretrainParams  # noqa: E402
 from realm_core.index import DenseIndex  # noqa: E402
 from realm_core.logging import null_logger  # noqa: E402
-from realm_core.masking import MaskedQuery, answer_bearing_blocks, encoder_inputs  # noqa: E402
+from realm_core.masking import MaskedQuery, encoder_inputs  # noqa: E402
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, backbone_dir, load_tokenizer  # noqa: E402
 from realm_core.pretrain import Pretrainer, pretrain  # noqa: E402
 from realm_core.reading import Probe, warmup_encoder  # noqa: E402
@@ -96,20 +96,41 @@ class Settings:
     dim: int = 128
     retriever_gain: float = 0.3  # the towers' LayerNorm gain: f(x, z) = gain^2 x LN . LN
     fixed_scale: bool = True  # keep the towers' LayerNorm at (gain, 0): a fixed retrieval temperature
-    train_tower_backbone: bool = False  # False: each tower trains only its projection (and LayerNorm unless fixed_scale)
+    train_tower_backbone: bool = (
+        False  # False: each tower trains only its projection (and LayerNorm unless fixed_scale)
+    )
     train_encoder: bool = False  # during pre-training (the warm-up always trains it, word embeddings aside)
     copy_head: bool = True  # model.copy_head (modeling.CopyHead)
     hard_negatives: int = 6  # per practice fact: other entities' blocks of its relation (reading.warmup_contexts)
     eval_every: int = 50
-    warmup: EncoderWarmupParams = field(default_factory=lambda: EncoderWarmupParams(steps=200, batch_size=16, lr=3e-4, evidence_prob=0.5))
-    pretrain: PretrainParams = field(default_factory=lambda: PretrainParams(
-        steps=600, batch_size=8, lr=1e-5, query_lr=3e-3, doc_lr=3e-3, null_bias_lr=1e-3, top_k=16, refresh_every=20, refresh_mode="sync",
-        query_filter="all", probe_size=0, checkpoint_every=0))
+    warmup: EncoderWarmupParams = field(
+        default_factory=lambda: EncoderWarmupParams(steps=200, batch_size=16, lr=3e-4, evidence_prob=0.5)
+    )
+    pretrain: PretrainParams = field(
+        default_factory=lambda: PretrainParams(
+            steps=600,
+            batch_size=8,
+            lr=1e-5,
+            query_lr=3e-3,
+            doc_lr=3e-3,
+            null_bias_lr=1e-3,
+            top_k=16,
+            refresh_every=20,
+            refresh_mode="sync",
+            query_filter="all",
+            probe_size=0,
+            checkpoint_every=0,
+        )
+    )
 
 
 FULL = Settings()
-QUICK = Settings(entities=24, eval_every=40, warmup=EncoderWarmupParams(steps=150, batch_size=16, lr=3e-4, evidence_prob=0.5),
-                 pretrain=FULL.pretrain.model_copy(update={"steps": 120, "refresh_every": 10}))
+QUICK = Settings(
+    entities=24,
+    eval_every=40,
+    warmup=EncoderWarmupParams(steps=150, batch_size=16, lr=3e-4, evidence_prob=0.5),
+    pretrain=FULL.pretrain.model_copy(update={"steps": 120, "refresh_every": 10}),
+)
 
 
 def variant_params(name: str, c: PretrainParams) -> tuple[PretrainParams, bool]:
@@ -145,7 +166,15 @@ def make_data(s: Settings, seed: int, tokenizer) -> Data:
     world = make_world(tokenizer, seed=seed, entities=s.entities, relations=s.relations)
     store = make_store(world, tokenizer, s.max_block_tokens)
     train, held = split_facts(world, s.held_out_fraction, seed)
-    return Data(world, store, fact_queries(world, store, train), fact_queries(world, store, held), [f.block_id for f in train], [f.block_id for f in held], held)
+    return Data(
+        world,
+        store,
+        fact_queries(world, store, train),
+        fact_queries(world, store, held),
+        [f.block_id for f in train],
+        [f.block_id for f in held],
+        held,
+    )
 
 
 def freeze_word_embeddings(*modules: torch.nn.Module) -> None:
@@ -168,25 +197,42 @@ def hard_negatives(world: World, n: int, seed: int, facts: list | None = None) -
     return out
 
 
-def warmed_encoder(s: Settings, seed: int, tokenizer, data: Data, log) -> tuple[KnowledgeAugmentedEncoder, KnowledgeAugmentedEncoder, dict]:
+def warmed_encoder(
+    s: Settings, seed: int, tokenizer, data: Data, log
+) -> tuple[KnowledgeAugmentedEncoder, KnowledgeAugmentedEncoder, dict]:
     """(fresh encoder, encoder warmed on a practice world of another seed, warm-up summary)."""
     torch.manual_seed(seed)
     fresh = KnowledgeAugmentedEncoder.from_backbone(backbone_dir("minilm"), s.encoder_layers, copy=s.copy_head)
     freeze_word_embeddings(fresh)  # the 30522 x 384 table (tied to the MLM decoder): a third of a step's time
     warm = copy.deepcopy(fresh)
-    practice = make_world(tokenizer, seed=seed + 1000, entities=s.practice_entities, relations=s.relations, distinct_pieces=False)
+    practice = make_world(
+        tokenizer, seed=seed + 1000, entities=s.practice_entities, relations=s.relations, distinct_pieces=False
+    )
     pstore = make_store(practice, tokenizer, s.max_block_tokens)
     pqueries = fact_queries(practice, pstore)
     started = time.perf_counter()
-    evidence = [[f.block_id] for f in practice.facts]  # each practice fact's own block: a reading lesson, no benchmark fact
-    summary = warmup_encoder(warm, pstore, pqueries, evidence, s.warmup, seed=seed, device=CPU, log=log or null_logger,
-                             negatives=hard_negatives(practice, s.hard_negatives, seed))
+    evidence = [
+        [f.block_id] for f in practice.facts
+    ]  # each practice fact's own block: a reading lesson, no benchmark fact
+    summary = warmup_encoder(
+        warm,
+        pstore,
+        pqueries,
+        evidence,
+        s.warmup,
+        seed=seed,
+        device=CPU,
+        log=log or null_logger,
+        negatives=hard_negatives(practice, s.hard_negatives, seed),
+    )
     summary["seconds"] = time.perf_counter() - started
     probe = Probe(data.held_out, [[z] for z in data.held_out_gold])
     distractors = Probe(data.held_out, [negs[:1] for negs in hard_negatives(data.world, 1, seed, data.held_out_facts)])
     for name, enc in (("fresh", fresh), ("warmed", warm)):
         summary[f"evidence_gain_{name}"] = probe.evidence_gain(enc, data.store, CPU)
-        summary[f"distractor_gain_{name}"] = distractors.evidence_gain(enc, data.store, CPU)  # another entity's block of the relation
+        summary[f"distractor_gain_{name}"] = distractors.evidence_gain(
+            enc, data.store, CPU
+        )  # another entity's block of the relation
     return fresh, warm, summary
 
 
@@ -194,27 +240,38 @@ def warmed_encoder(s: Settings, seed: int, tokenizer, data: Data, log) -> tuple[
 
 
 @torch.no_grad()
-def recall_at(trainer: Pretrainer, index: DenseIndex, queries: list[MaskedQuery], gold: list[int], ks: tuple[int, ...] = (1,)) -> list[float]:
+def recall_at(
+    trainer: Pretrainer, index: DenseIndex, queries: list[MaskedQuery], gold: list[int], ks: tuple[int, ...] = (1,)
+) -> list[float]:
     """Recall@k for each k: share of queries whose gold block is among the top k of `index`
     (live query tower, dropout off)."""
     tower = trainer.retriever.query
     was = tower.training
     tower.eval()
-    emb = torch.cat([tower(**query_batch(trainer.store, [q.input_ids for q in queries[i : i + 64]], CPU)) for i in range(0, len(queries), 64)])
+    emb = torch.cat(
+        [
+            tower(**query_batch(trainer.store, [q.input_ids for q in queries[i : i + 64]], CPU))
+            for i in range(0, len(queries), 64)
+        ]
+    )
     tower.train(was)
     _, ids = index.search(emb.float().numpy(), max(ks))
     hit = ids == np.array(gold)[:, None]  # [Q, max k]
     return [float(hit[:, :k].any(1).mean()) for k in ks]
 
 
-def marginal_log_probs(trainer: Pretrainer, batch: list[MaskedQuery]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def marginal_log_probs(
+    trainer: Pretrainer, batch: list[MaskedQuery]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log p(y|x) = log sum_z p(z|x) p(y|z,x) over the whole vocabulary at each masked position,
     over the k candidates the model retrieves from its current index (null block included when it
     has one): [B, M, V], with the targets and the token mask [B, M]."""
     logits, cands = trainer.retrieval_logits(batch)  # [B, k]
     enc = encoder_inputs(trainer.store, batch, cands, trainer.device)
     mask = enc.pop("token_mask")  # [B, M]
-    vocab = trainer.encoder.masked_log_probs(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], enc["mask_positions"])  # [B*k, M, V]
+    vocab = trainer.encoder.masked_log_probs(
+        enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], enc["mask_positions"]
+    )  # [B*k, M, V]
     vocab = vocab.view(len(batch), trainer.top_k, mask.size(1), -1)  # [B, k, M, V]
     marginal = torch.logsumexp(logits.log_softmax(-1)[:, :, None, None] + vocab, dim=1)  # [B, M, V]
     return marginal, enc["targets"].view(len(batch), trainer.top_k, -1)[:, 0], mask
@@ -240,7 +297,14 @@ def mlm_accuracy(trainer: Pretrainer, queries: list[MaskedQuery], batch_size: in
 class Curves:
     """The per-step log of one variant, and its evaluations every `every` steps."""
 
-    STEP_KEYS = ("loss", "null_prob", "retrieval_utility_per_token", "grad_norm_query", "grad_norm_doc", "grad_norm_encoder")
+    STEP_KEYS = (
+        "loss",
+        "null_prob",
+        "retrieval_utility_per_token",
+        "grad_norm_query",
+        "grad_norm_doc",
+        "grad_norm_encoder",
+    )
 
     def __init__(self, trainer: Pretrainer, data: Data, every: int, steps: int):
         self.trainer, self.data, self.every, self.steps = trainer, data, every, steps
@@ -269,9 +333,13 @@ class Curves:
 
     def evaluate(self, step: int) -> None:
         t, d = self.trainer, self.data
-        fresh = DenseIndex(embed_blocks(t.retriever.doc, t.store, CPU, progress=None), np.arange(len(t.store), dtype=np.int64))
+        fresh = DenseIndex(
+            embed_blocks(t.retriever.doc, t.store, CPU, progress=None), np.arange(len(t.store), dtype=np.int64)
+        )
         retrieved = t.top_k - 1 if t.null_block else t.top_k
-        r1, rk = recall_at(t, t.index, d.held_out, d.held_out_gold, (1, retrieved))  # the index the model retrieves from
+        r1, rk = recall_at(
+            t, t.index, d.held_out, d.held_out_gold, (1, retrieved)
+        )  # the index the model retrieves from
         row = {
             "step": step,
             "recall_at_1": r1,
@@ -300,7 +368,9 @@ def untrained_retriever(s: Settings) -> Retriever:
     return retriever
 
 
-def run_variant(name: str, s: Settings, seed: int, data: Data, encoders: dict[str, KnowledgeAugmentedEncoder], log=None) -> dict:
+def run_variant(
+    name: str, s: Settings, seed: int, data: Data, encoders: dict[str, KnowledgeAugmentedEncoder], log=None
+) -> dict:
     c, warmed = variant_params(name, s.pretrain)
     started = time.perf_counter()
     torch.manual_seed(seed)  # every variant starts from the same untrained retriever
@@ -318,7 +388,9 @@ def run_variant(name: str, s: Settings, seed: int, data: Data, encoders: dict[st
             log(name, metrics, step)
 
     refresher = SyncRefresher(data.store, CPU, c.embed_batch_size, c.refresh_every)
-    summary = pretrain(trainer, data.train, c, refresher=refresher, seed=seed, log=step_log, on_index=curves.on_index, probe=probe)
+    summary = pretrain(
+        trainer, data.train, c, refresher=refresher, seed=seed, log=step_log, on_index=curves.on_index, probe=probe
+    )
     ev = curves.evals
     return {
         "final_recall_at_1": ev["recall_at_1"][-1],
@@ -329,7 +401,11 @@ def run_variant(name: str, s: Settings, seed: int, data: Data, encoders: dict[st
         "initial_recall_at_1": ev["recall_at_1"][0],
         "wall_seconds": round(time.perf_counter() - started, 1),
         "encoder_warmed": warmed,
-        "params": {k: v for k, v in c.model_dump().items() if k in ("lr", "query_lr", "doc_lr", "refresh_every", "null_block", "steps", "batch_size", "top_k")},
+        "params": {
+            k: v
+            for k, v in c.model_dump().items()
+            if k in ("lr", "query_lr", "doc_lr", "refresh_every", "null_block", "steps", "batch_size", "top_k")
+        },
         "curves": {"eval": ev, "step": curves.step, "evidence_gain": curves.evidence},
         "summary": {k: float(v) for k, v in summary.items()},
     }
@@ -342,27 +418,47 @@ def run(s: Settings, seed: int, variants: list[str], log=None, threads: int | No
     started, load_at_start = time.perf_counter(), os.getloadavg()
     tokenizer = load_tokenizer(backbone_dir("minilm"))
     data = make_data(s, seed, tokenizer)
-    fresh, warm, warmup = warmed_encoder(s, seed, tokenizer, data, (lambda m, st: log("encoder_warmup", m, st)) if log else None) if any(
-        variant_params(v, s.pretrain)[1] for v in variants) else (None, None, {})
+    fresh, warm, warmup = (
+        warmed_encoder(s, seed, tokenizer, data, (lambda m, st: log("encoder_warmup", m, st)) if log else None)
+        if any(variant_params(v, s.pretrain)[1] for v in variants)
+        else (None, None, {})
+    )
     if fresh is None:
         torch.manual_seed(seed)
         fresh = KnowledgeAugmentedEncoder.from_backbone(backbone_dir("minilm"), s.encoder_layers, copy=s.copy_head)
     results = {
         "chance_recall_at_1": data.world.chance_recall_at_1,
         "chance_mlm_accuracy": 1.0 / min(len(r.values) for r in data.world.relations),
-        "world": {"blocks": len(data.world.blocks), "facts": len(data.world.facts), "entities": len(data.world.entities),
-                  "relations": [r.name for r in data.world.relations], "train_queries": len(data.train), "held_out_queries": len(data.held_out)},
+        "world": {
+            "blocks": len(data.world.blocks),
+            "facts": len(data.world.facts),
+            "entities": len(data.world.entities),
+            "relations": [r.name for r in data.world.relations],
+            "train_queries": len(data.train),
+            "held_out_queries": len(data.held_out),
+        },
         "encoder_warmup": {k: float(v) for k, v in warmup.items()},
         "variants": {},
     }
     for name in variants:
         results["variants"][name] = run_variant(name, s, seed, data, {"fresh": fresh, "warm": warm}, log)
         v = results["variants"][name]
-        print(f"{name}: recall@1 {v['initial_recall_at_1']:.3f} -> {v['final_recall_at_1']:.3f}, MLM accuracy {v['final_mlm_accuracy']:.3f} ({v['wall_seconds']:.0f} s)", flush=True)
-    results["config"] = {"seed": seed, "threads": torch.get_num_threads(), **{k: v for k, v in asdict(s).items() if k not in ("warmup", "pretrain")},
-                         **{f"warmup.{k}": v for k, v in s.warmup.model_dump().items()}, **{f"pretrain.{k}": v for k, v in s.pretrain.model_dump().items()}}
+        print(
+            f"{name}: recall@1 {v['initial_recall_at_1']:.3f} -> {v['final_recall_at_1']:.3f}, MLM accuracy {v['final_mlm_accuracy']:.3f} ({v['wall_seconds']:.0f} s)",
+            flush=True,
+        )
+    results["config"] = {
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        **{k: v for k, v in asdict(s).items() if k not in ("warmup", "pretrain")},
+        **{f"warmup.{k}": v for k, v in s.warmup.model_dump().items()},
+        **{f"pretrain.{k}": v for k, v in s.pretrain.model_dump().items()},
+    }
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["load_average"] = {"start": [round(x, 2) for x in load_at_start], "end": [round(x, 2) for x in os.getloadavg()]}  # 1, 5, 15 min
+    results["load_average"] = {
+        "start": [round(x, 2) for x in load_at_start],
+        "end": [round(x, 2) for x in os.getloadavg()],
+    }  # 1, 5, 15 min
     return results
 
 
@@ -371,25 +467,40 @@ def run(s: Settings, seed: int, variants: list[str], log=None, threads: int | No
 
 def markdown(results: dict) -> str:
     lines = [
-        "# REALM mechanics on a synthetic knowledge corpus (bench/mechanics.py)", "",
+        "# REALM mechanics on a synthetic knowledge corpus (bench/mechanics.py)",
+        "",
         f"World: {results['world']['blocks']} blocks, {results['world']['facts']} facts ({results['world']['entities']} entities x "
         f"{len(results['world']['relations'])} relations), {results['world']['held_out_queries']} held-out queries. "
-        f"Chance recall@1 = {results['chance_recall_at_1']:.3f}; closed-book MLM accuracy about {results['chance_mlm_accuracy']:.3f}.", "",
-        "Held-out queries; recall@1 by the index the model retrieves from; MLM accuracy of the marginal over its candidates.", "",
+        f"Chance recall@1 = {results['chance_recall_at_1']:.3f}; closed-book MLM accuracy about {results['chance_mlm_accuracy']:.3f}.",
+        "",
+        "Held-out queries; recall@1 by the index the model retrieves from; MLM accuracy of the marginal over its candidates.",
+        "",
         "| variant | recall@1 start | recall@1 final | MLM acc. final | train recall@1 / MLM acc. | wall s | REALM expects |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, v in results["variants"].items():
-        lines.append(f"| {name} | {v['initial_recall_at_1']:.3f} | {v['final_recall_at_1']:.3f} | {v['final_mlm_accuracy']:.3f} | "
-                     f"{v['final_recall_at_1_train']:.3f} / {v['final_mlm_accuracy_train']:.3f} | {v['wall_seconds']:.0f} | {EXPECTED[name]} |")
+        lines.append(
+            f"| {name} | {v['initial_recall_at_1']:.3f} | {v['final_recall_at_1']:.3f} | {v['final_mlm_accuracy']:.3f} | "
+            f"{v['final_recall_at_1_train']:.3f} / {v['final_mlm_accuracy_train']:.3f} | {v['wall_seconds']:.0f} | {EXPECTED[name]} |"
+        )
     w = results["encoder_warmup"]
     if w:
-        lines += ["", f"Encoder warm-up on the practice world: {w.get('encoder_warmup_steps', 0):.0f} steps in {w.get('seconds', 0):.0f} s; evidence gain "
-                  f"on the benchmark's held-out facts (gold block vs null, nats/token) {w['evidence_gain_fresh']:.2f} fresh -> {w['evidence_gain_warmed']:.2f} warmed."]
+        lines += [
+            "",
+            f"Encoder warm-up on the practice world: {w.get('encoder_warmup_steps', 0):.0f} steps in {w.get('seconds', 0):.0f} s; evidence gain "
+            f"on the benchmark's held-out facts (gold block vs null, nats/token) {w['evidence_gain_fresh']:.2f} fresh -> {w['evidence_gain_warmed']:.2f} warmed.",
+        ]
     load = results.get("load_average")
-    lines += ["", f"Total {results['seconds']:.0f} s on {results['config']['threads']} threads" + (
-        f"; load average (1/5/15 min) {'/'.join(map(str, load['start']))} at the start, {'/'.join(map(str, load['end']))} at the end "
-        f"(more than {results['config']['threads']} means other processes shared the cores and the wall times are inflated)." if load else ".")]
+    lines += [
+        "",
+        f"Total {results['seconds']:.0f} s on {results['config']['threads']} threads"
+        + (
+            f"; load average (1/5/15 min) {'/'.join(map(str, load['start']))} at the start, {'/'.join(map(str, load['end']))} at the end "
+            f"(more than {results['config']['threads']} means other processes shared the cores and the wall times are inflated)."
+            if load
+            else "."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -405,11 +516,13 @@ def plot(results: dict, path: Path) -> None:
         axes[0].plot(ev["step"], ev["recall_at_1"], marker="o", label=name)
         axes[1].plot(ev["step"], ev["mlm_accuracy"], marker="o", label=name)
         loss = np.convolve(st["loss"], np.ones(10) / 10, mode="valid") if len(st["loss"]) >= 10 else st["loss"]
-        axes[2].plot(st["step"][len(st["step"]) - len(loss):], loss, label=name)
+        axes[2].plot(st["step"][len(st["step"]) - len(loss) :], loss, label=name)
         if "null_prob" in st:
             axes[3].plot(st["step"], st["null_prob"], label=name)
     axes[0].axhline(results["chance_recall_at_1"], color="grey", ls=":", label="chance")
-    for ax, title in zip(axes, ("held-out recall@1 (index in use)", "held-out MLM accuracy", "loss (10-step mean)", "p(null | x)")):
+    for ax, title in zip(
+        axes, ("held-out recall@1 (index in use)", "held-out MLM accuracy", "loss (10-step mean)", "p(null | x)")
+    ):
         ax.set_title(title)
         ax.set_xlabel("pre-training step")
     axes[0].legend(fontsize=8)
@@ -428,19 +541,42 @@ def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = RO
     now = int(time.time() * 1000)
     metrics = [Metric("chance_recall_at_1", results["chance_recall_at_1"], now, 0)]
     for name, v in results["variants"].items():
-        metrics += [Metric(f"{name}.{k}", float(v[k]), now, 0) for k in v if k.startswith(("final_", "initial_")) and v[k] is not None or k == "wall_seconds"]
+        metrics += [
+            Metric(f"{name}.{k}", float(v[k]), now, 0)
+            for k in v
+            if k.startswith(("final_", "initial_")) and v[k] is not None or k == "wall_seconds"
+        ]
         for curve in (v["curves"]["eval"], v["curves"]["step"]):
-            metrics += [Metric(f"{name}.{k}", float(x), now, int(s)) for k, values in curve.items() if k != "step" and len(values) == len(curve["step"])
-                        for s, x in zip(curve["step"], values)]
+            metrics += [
+                Metric(f"{name}.{k}", float(x), now, int(s))
+                for k, values in curve.items()
+                if k != "step" and len(values) == len(curve["step"])
+                for s, x in zip(curve["step"], values)
+            ]
     return log_bench_run("mechanics", results["config"], metrics, files, quick=quick, root=root)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the small world and short runs of the test (realm and frozen_retriever by default)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small world and short runs of the test (realm and frozen_retriever by default)",
+    )
     parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--out", type=Path, default=None, help="the JSON to write (default reports/mechanics.json; --quick: bench/results/mechanics_quick.json); .md and .png beside it")
-    parser.add_argument("--only", nargs="+", choices=VARIANTS, metavar="VARIANT", help=f"run only these variants ({', '.join(VARIANTS)})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the JSON to write (default reports/mechanics.json; --quick: bench/results/mechanics_quick.json); .md and .png beside it",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=VARIANTS,
+        metavar="VARIANT",
+        help=f"run only these variants ({', '.join(VARIANTS)})",
+    )
     parser.add_argument("--threads", type=int, default=max(1, min(2, len(os.sched_getaffinity(0)))))
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
@@ -449,7 +585,9 @@ def main() -> None:
     configure(ROOT)
     settings = QUICK if args.quick else FULL
     variants = args.only or (["realm", "frozen_retriever"] if args.quick else list(VARIANTS))
-    out = args.out or (ROOT / "bench" / "results" / "mechanics_quick.json" if args.quick else ROOT / "reports" / "mechanics.json")
+    out = args.out or (
+        ROOT / "bench" / "results" / "mechanics_quick.json" if args.quick else ROOT / "reports" / "mechanics.json"
+    )
     results = run(settings, args.seed, variants, threads=args.threads)
     results["config"]["quick"] = args.quick
     files = [out, out.with_suffix(".md"), out.with_suffix(".png")]

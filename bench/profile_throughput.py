@@ -42,29 +42,54 @@ CPU = torch.device("cpu")
 GROUPS = {
     "GEMM": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::baddbmm"),
     "attention": ("aten::_scaled_dot_product", "aten::_softmax", "aten::_safe_softmax"),
-    "optimizer": ("aten::_fused_adamw", "aten::_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt", "aten::mul_", "aten::add_", "aten::div_"),
+    "optimizer": (
+        "aten::_fused_adamw",
+        "aten::_foreach",
+        "aten::lerp",
+        "aten::addcdiv",
+        "aten::addcmul",
+        "aten::sqrt",
+        "aten::mul_",
+        "aten::add_",
+        "aten::div_",
+    ),
 }
 
 
 def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
     data = ROOT / "data"
-    store = BlockStore.load(data / "corpus" / "blocks.jsonl", load_tokenizer(backbone_dir(params.model.backbone)), params.corpus.max_block_tokens)
+    store = BlockStore.load(
+        data / "corpus" / "blocks.jsonl",
+        load_tokenizer(backbone_dir(params.model.backbone)),
+        params.corpus.max_block_tokens,
+    )
     if args.what == "embed":
         embedder = load_embedder(data / "pretrain" / "retriever" / "doc")
         subset = BlockStore(store.blocks[: args.blocks], store.tokenizer, store.max_block_tokens)
-        return lambda: embed_blocks(embedder, subset, CPU, params.pretrain.embed_batch_size, progress=None, precision=params.index.embed_precision)
+        return lambda: embed_blocks(
+            embedder,
+            subset,
+            CPU,
+            params.pretrain.embed_batch_size,
+            progress=None,
+            precision=params.index.embed_precision,
+        )
     if args.what == "pretrain":
         from realm_core.modeling import load_retriever
         from realm_core.pretrain import Pretrainer, make_queries, pretrain
         from realm_core.refresh import SyncRefresher
 
         c = params.pretrain
-        trainer = Pretrainer.from_params(load_retriever(data / "ict" / "retriever"), load_encoder(data / "ict" / "encoder"), store, c, CPU)
+        trainer = Pretrainer.from_params(
+            load_retriever(data / "ict" / "retriever"), load_encoder(data / "ict" / "encoder"), store, c, CPU
+        )
         queries = make_queries(store, c.masking, params.model.max_query_tokens, c.max_masks, params.seed)
         refresher = SyncRefresher(store, CPU, c.embed_batch_size, 0)  # refresh_every 0: no refresh inside the profile
         index = refresher.initial(trainer.retriever.doc)
         refresher.initial = lambda doc, step=0, history=None: index  # built once here, outside the profile
-        return lambda: pretrain(trainer, queries, c.model_copy(update={"steps": args.steps}), refresher=refresher, seed=params.seed)
+        return lambda: pretrain(
+            trainer, queries, c.model_copy(update={"steps": args.steps}), refresher=refresher, seed=params.seed
+        )
     from realm_core.answer import load_open_qa
     from realm_core.finetune import finetune, load_questions
     from realm_core.modeling import SpanReader
@@ -72,10 +97,25 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
 
     c = params.finetune
     reader = SpanReader(load_encoder(data / "pretrain" / "encoder").bert, hidden=c.span_hidden)
-    model = load_open_qa(params, Paths(ROOT), load_embedder(data / "pretrain" / "retriever" / "query"), reader, data / "finetune" / "index")
+    model = load_open_qa(
+        params,
+        Paths(ROOT),
+        load_embedder(data / "pretrain" / "retriever" / "query"),
+        reader,
+        data / "finetune" / "index",
+    )
     questions = load_questions(data / "corpus" / "qa_train.jsonl")
     batch = args.batch_size or c.batch_size
-    return lambda: finetune(model, questions, steps=args.steps, batch_size=batch, lr=c.lr, retriever_top_k=c.retriever_top_k, reader_top_k=c.top_k, seed=params.seed)
+    return lambda: finetune(
+        model,
+        questions,
+        steps=args.steps,
+        batch_size=batch,
+        lr=c.lr,
+        retriever_top_k=c.retriever_top_k,
+        reader_top_k=c.top_k,
+        seed=params.seed,
+    )
 
 
 def group_of(name: str) -> str:
@@ -113,8 +153,10 @@ def main() -> None:
         groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
     groups["outside operators"] = max(0.0, wall - sum(groups.values()))
     flops = sum(e.flops for e in events if group_of(e.key) == "GEMM")
-    print(f"\n{args.what}: {wall:.2f} s wall at {args.threads} threads; matmuls {flops / 1e9:.1f} GFLOP = {flops / wall / 1e9:.1f} GFLOP/s over the wall, "
-          f"{flops / wall / gemm:.1%} of the GEMM limit ({gemm / 1e9:.0f} GFLOP/s, torch.mm {args.gemm_size}^3)\n\n| where | seconds | share |\n|---|---:|---:|")
+    print(
+        f"\n{args.what}: {wall:.2f} s wall at {args.threads} threads; matmuls {flops / 1e9:.1f} GFLOP = {flops / wall / 1e9:.1f} GFLOP/s over the wall, "
+        f"{flops / wall / gemm:.1%} of the GEMM limit ({gemm / 1e9:.0f} GFLOP/s, torch.mm {args.gemm_size}^3)\n\n| where | seconds | share |\n|---|---:|---:|"
+    )
     for g, s in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {g} | {s:.2f} | {s / wall:.1%} |")
     text = io.StringIO()

@@ -10,8 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def publish(results: dict, files: list[Path], markdown: Callable[[dict], str], plot: Callable[[dict, Path], object],
-            log_to_mlflow: Callable[[dict, list[Path]], str] | None, indent: int = 2) -> None:
+def publish(
+    results: dict,
+    files: list[Path],
+    markdown: Callable[[dict], str],
+    plot: Callable[[dict, Path], object],
+    log_to_mlflow: Callable[[dict, list[Path]], str] | None,
+    indent: int = 2,
+) -> None:
     """Write `results` to files[0] (JSON), its markdown to files[1] and its plot to files[2];
     print the markdown; log the three to MLflow unless `log_to_mlflow` is None."""
     files[0].parent.mkdir(parents=True, exist_ok=True)

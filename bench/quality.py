@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.publish import publish  # noqa: E402
+from bench.quality_report import markdown_report, plot_comparisons, plot_recall_curves  # noqa: E402
 from realm_core.benchmarks import (  # noqa: E402
     VITAL_PASSAGES,
     Benchmark,
@@ -79,9 +81,6 @@ from realm_core.modeling import (  # noqa: E402
 )
 from realm_core.questions import QAExample  # noqa: E402
 
-from bench.publish import publish  # noqa: E402
-from bench.quality_report import markdown_report, plot_comparisons, plot_recall_curves  # noqa: E402
-
 KS = (1, 5, 20)
 PASSAGE_TOKENS = 256
 CPU = torch.device("cpu")
@@ -103,15 +102,25 @@ class Models:
     @classmethod
     def workspace(cls, root: Path, params: Params, orqa: Path | None = None) -> "Models":
         data = root / "data"
-        return cls(backbone_dir("minilm"), backbone_dir(params.model.backbone), params.model.num_hidden_layers,
-                   data / "ict" / "retriever", data / "pretrain", data / "finetune", data / "corpus" / "blocks.jsonl", orqa)
+        return cls(
+            backbone_dir("minilm"),
+            backbone_dir(params.model.backbone),
+            params.model.num_hidden_layers,
+            data / "ict" / "retriever",
+            data / "pretrain",
+            data / "finetune",
+            data / "corpus" / "blocks.jsonl",
+            orqa,
+        )
 
 
 @dataclass
 class Settings:
     depth: int = 100  # rankings this deep: recall@k curve up to k = depth
     reader_questions: int = 700  # seeded sample per benchmark for the readers (all if fewer)
-    reinit_ict_steps: int | None = None  # None = params.ict.steps (the pipeline's ICT recipe); 0 = no random_init_ict row
+    reinit_ict_steps: int | None = (
+        None  # None = params.ict.steps (the pipeline's ICT recipe); 0 = no random_init_ict row
+    )
     batch_size: int = 64
 
 
@@ -120,7 +129,9 @@ class Settings:
 
 def passage_store(bench: Benchmark, tokenizer) -> BlockStore:
     """Each passage as one block (no sentence packing), cut to PASSAGE_TOKENS when encoded."""
-    return BlockStore([Block(i, p.title, p.text, [], []) for i, p in enumerate(bench.passages)], tokenizer, PASSAGE_TOKENS)
+    return BlockStore(
+        [Block(i, p.title, p.text, [], []) for i, p in enumerate(bench.passages)], tokenizer, PASSAGE_TOKENS
+    )
 
 
 def passage_texts(bench: Benchmark) -> list[str]:
@@ -135,7 +146,9 @@ def dense_rankings(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int) -> li
 
 
 @torch.inference_mode()
-def embed_questions(embedder: Embedder, store: BlockStore, questions: list[QAExample], max_query_tokens: int, batch_size: int) -> np.ndarray:
+def embed_questions(
+    embedder: Embedder, store: BlockStore, questions: list[QAExample], max_query_tokens: int, batch_size: int
+) -> np.ndarray:
     """Query tower embeddings of `[CLS] question [SEP]`: [Q, d]."""
     embedder.eval()
     out = []
@@ -147,10 +160,18 @@ def embed_questions(embedder: Embedder, store: BlockStore, questions: list[QAExa
 
 def encode_minilm(model, texts: list[str], batch_size: int) -> np.ndarray:
     """sentence-transformers encoding as the model's authors use it: mean pooling, L2-normalised."""
-    return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=len(texts) > 500)
+    return model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=len(texts) > 500,
+    )
 
 
-def random_init_retriever(backbone: Path, num_hidden_layers: int | None, dim: int, pooling: str, seed: int) -> Retriever:
+def random_init_retriever(
+    backbone: Path, num_hidden_layers: int | None, dim: int, pooling: str, seed: int
+) -> Retriever:
     """Same architecture as the pipeline's retriever, BERT weights re-initialised (BERT's init):
     tests whether retrieval skill comes from unsupervised training rather than MiniLM's
     supervised QA training. Both towers start from the same BERT, as Retriever.from_backbone."""
@@ -168,7 +189,9 @@ def towers(retriever: Retriever) -> tuple[Embedder, Embedder]:
     return retriever.query, retriever.doc
 
 
-def realm_retrievers(models: Models, params: Params, settings: Settings, tokenizer) -> dict[str, tuple[str, Callable[[], tuple[Embedder, Embedder]]]]:
+def realm_retrievers(
+    models: Models, params: Params, settings: Settings, tokenizer
+) -> dict[str, tuple[str, Callable[[], tuple[Embedder, Embedder]]]]:
     """name -> (what it is, a loader of its (query, doc) towers), in report order."""
     m, ict = params.model, params.ict
     steps = ict.steps if settings.reinit_ict_steps is None else settings.reinit_ict_steps
@@ -184,21 +207,62 @@ def realm_retrievers(models: Models, params: Params, settings: Settings, tokeniz
     def reinit_ict() -> Retriever:
         r = random_init_retriever(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling, params.seed)
         store = BlockStore.load(models.blocks, tokenizer, params.corpus.max_block_tokens)
-        return train_ict(r, store, steps=steps, batch_size=ict.batch_size, lr=ict.lr, remove_prob=ict.remove_prob,
-                         max_query_tokens=m.max_query_tokens, seed=params.seed, device=CPU)
+        return train_ict(
+            r,
+            store,
+            steps=steps,
+            batch_size=ict.batch_size,
+            lr=ict.lr,
+            remove_prob=ict.remove_prob,
+            max_query_tokens=m.max_query_tokens,
+            seed=params.seed,
+            device=CPU,
+        )
 
     return {
-        "untrained": (f"backbone ({layers} layers) + random projection, no retrieval training",
-                      seeded(lambda: Retriever.from_backbone(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling))),
-        "random_init": (f"random BERT weights ({layers} layers), no training: chance level",
-                        seeded(lambda: random_init_retriever(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling, params.seed))),
-        **({"random_init_ict": (f"random BERT weights + ICT here ({steps} steps x {ict.batch_size}, the pipeline's recipe)", seeded(reinit_ict))} if steps else {}),
+        "untrained": (
+            f"backbone ({layers} layers) + random projection, no retrieval training",
+            seeded(
+                lambda: Retriever.from_backbone(models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling)
+            ),
+        ),
+        "random_init": (
+            f"random BERT weights ({layers} layers), no training: chance level",
+            seeded(
+                lambda: random_init_retriever(
+                    models.backbone, models.num_hidden_layers, m.retriever_dim, m.pooling, params.seed
+                )
+            ),
+        ),
+        **(
+            {
+                "random_init_ict": (
+                    f"random BERT weights + ICT here ({steps} steps x {ict.batch_size}, the pipeline's recipe)",
+                    seeded(reinit_ict),
+                )
+            }
+            if steps
+            else {}
+        ),
         "ict": ("backbone + ICT (data/ict/retriever)", lambda: towers(load_retriever(models.ict))),
-        "realm_pretrained": ("ICT + REALM pre-training (data/pretrain/retriever), zero-shot", lambda: towers(load_retriever(models.pretrain / "retriever"))),
-        "realm_finetuned": ("fine-tuned query tower (data/finetune/query) over the pre-trained doc tower; NOT zero-shot",
-                            lambda: (load_embedder(models.finetune / "query"), load_embedder(models.pretrain / "retriever" / "doc"))),
-        **({"orqa_finetuned": (f"ORQA-style fine-tuned query tower ({models.orqa}/query) over the ICT doc tower; NOT zero-shot",
-                               lambda: (load_embedder(models.orqa / "query"), load_embedder(models.ict / "doc")))} if models.orqa else {}),
+        "realm_pretrained": (
+            "ICT + REALM pre-training (data/pretrain/retriever), zero-shot",
+            lambda: towers(load_retriever(models.pretrain / "retriever")),
+        ),
+        "realm_finetuned": (
+            "fine-tuned query tower (data/finetune/query) over the pre-trained doc tower; NOT zero-shot",
+            lambda: (load_embedder(models.finetune / "query"), load_embedder(models.pretrain / "retriever" / "doc")),
+        ),
+        **(
+            {
+                "orqa_finetuned": (
+                    f"ORQA-style fine-tuned query tower ({models.orqa}/query) over the ICT doc tower; NOT zero-shot",
+                    lambda: (load_embedder(models.orqa / "query"), load_embedder(models.ict / "doc")),
+                )
+            }
+            if models.orqa
+            else {}
+        ),
     }
 
 
@@ -207,13 +271,17 @@ def realm_retrievers(models: Models, params: Params, settings: Settings, tokeniz
 DOC_TOWER = {"ict": "ict", "orqa_finetuned": "ict", "realm_pretrained": "pretrain", "realm_finetuned": "pretrain"}
 
 
-def recall_summary(rankings: list[list[int]], relevant: dict[str, list[set[int]]], sources: list[str], depth: int) -> dict:
+def recall_summary(
+    rankings: list[list[int]], relevant: dict[str, list[set[int]]], sources: list[str], depth: int
+) -> dict:
     """recall@{1,5,20} and the recall@1..depth curve per relevance rule, plus recall@5 per source."""
     out: dict = {"curve": {}, "by_source": {}}
     for rule, sets in relevant.items():
         hits = hit_table(rankings, sets)
         curve = recall_at_k(hits, range(1, depth + 1))
-        out[rule] = {key: 100.0 * v for key, v in recall_at_k(hits, KS).items()}  # rankings shorter than k count as they are
+        out[rule] = {
+            key: 100.0 * v for key, v in recall_at_k(hits, KS).items()
+        }  # rankings shorter than k count as they are
         out["curve"][rule] = [round(100.0 * curve[f"recall@{k}"], 3) for k in range(1, depth + 1)]
         for tag in sorted(set(sources)):
             rows = [h for h, s in zip(hits, sources) if s == tag]
@@ -230,8 +298,14 @@ def answer_score(prediction: str, q: QAExample) -> float:
 
 
 @torch.inference_mode()
-def closed_book_predictions(encoder: KnowledgeAugmentedEncoder, tokenizer, questions: list[QAExample], max_query_tokens: int,
-                            max_answer_tokens: int = 3, batch_size: int = 32) -> list[str]:
+def closed_book_predictions(
+    encoder: KnowledgeAugmentedEncoder,
+    tokenizer,
+    questions: list[QAExample],
+    max_query_tokens: int,
+    max_answer_tokens: int = 3,
+    batch_size: int = 32,
+) -> list[str]:
     """No retrieval: REALM's knowledge-augmented encoder given only the null block (section 3.4),
     `[CLS] question [MASK]*n [SEP] [SEP]`, fills the n slots greedily (special tokens excluded);
     the n in 1..max_answer_tokens with the best mean log-probability wins. A cloze question's own
@@ -246,8 +320,20 @@ def closed_book_predictions(encoder: KnowledgeAugmentedEncoder, tokenizer, quest
     for n in range(1, max_answer_tokens + 1):
         for start in range(0, len(questions), batch_size):
             chunk = questions[start : start + batch_size]
-            parts = [slot_context(tokenizer, q.question, max(1, max_query_tokens - 3 - n)) for q in chunk]  # (before, after) the slots
-            seqs = [[tokenizer.cls_token_id, *before, *[tokenizer.mask_token_id] * n, *after, tokenizer.sep_token_id, tokenizer.sep_token_id] for before, after in parts]
+            parts = [
+                slot_context(tokenizer, q.question, max(1, max_query_tokens - 3 - n)) for q in chunk
+            ]  # (before, after) the slots
+            seqs = [
+                [
+                    tokenizer.cls_token_id,
+                    *before,
+                    *[tokenizer.mask_token_id] * n,
+                    *after,
+                    tokenizer.sep_token_id,
+                    tokenizer.sep_token_id,
+                ]
+                for before, after in parts
+            ]
             segs = [[0] * (len(s) - 1) + [1] for s in seqs]
             hidden = encoder.bert(**pad_batch(seqs, segs, tokenizer.pad_token_id, CPU)).last_hidden_state  # [B, L, h]
             pos = torch.tensor([[1 + len(before) + j for j in range(n)] for before, _ in parts])  # [B, n]
@@ -265,18 +351,36 @@ def slot_context(tokenizer, question: str, budget: int) -> tuple[list[int], list
     """The wordpieces before and after where a closed-book answer goes: a cloze question's first
     `[MASK]`, else the question's end; cut to `budget` wordpieces in all, the far end of `after` first."""
     head, mask, tail = question.partition(tokenizer.mask_token)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     before, after = encode(head.strip()), encode(tail.strip()) if mask else []
     after = after[: max(0, budget - len(before))]
     return before[-budget:], after
 
 
-def realm_reader_predictions(query: Embedder, reader, store: BlockStore, doc_emb: np.ndarray, questions: list[QAExample],
-                             params: Params, batch_size: int = 16) -> list[str]:
+def realm_reader_predictions(
+    query: Embedder,
+    reader,
+    store: BlockStore,
+    doc_emb: np.ndarray,
+    questions: list[QAExample],
+    params: Params,
+    batch_size: int = 16,
+) -> list[str]:
     """REALM fine-tuned: the reader's best span over the top-k passages its query tower retrieves
     from the frozen pre-trained doc embeddings, as the evaluate stage does (OpenQA.predict)."""
     index = DenseIndex(doc_emb, np.arange(len(doc_emb), dtype=np.int64))
-    model = OpenQA(query, reader, store, index, device=CPU, max_query_tokens=params.model.max_query_tokens, max_span=params.finetune.max_span_tokens)
+    model = OpenQA(
+        query,
+        reader,
+        store,
+        index,
+        device=CPU,
+        max_query_tokens=params.model.max_query_tokens,
+        max_span=params.finetune.max_span_tokens,
+    )
     out: list[str] = []
     for start in tqdm(range(0, len(questions), batch_size), desc="realm reader", unit="batch", mininterval=5.0):
         chunk = [q.question for q in questions[start : start + batch_size]]
@@ -286,9 +390,18 @@ def realm_reader_predictions(query: Embedder, reader, store: BlockStore, doc_emb
 
 def reader_summary(predictions: list[str], questions: list[QAExample], sources: list[str]) -> dict:
     scores = [answer_score(p, q) for p, q in zip(predictions, questions)]
-    by_source = {tag: 100.0 * float(np.mean([s for s, t in zip(scores, sources) if t == tag])) for tag in sorted(set(sources))}
-    return {"em": 100.0 * float(np.mean(scores)), "questions": len(scores), "by_source": by_source,
-            "examples": [{"question": q.question, "prediction": p, "answers": list(q.answers)} for p, q in list(zip(predictions, questions))[:5]]}
+    by_source = {
+        tag: 100.0 * float(np.mean([s for s, t in zip(scores, sources) if t == tag])) for tag in sorted(set(sources))
+    }
+    return {
+        "em": 100.0 * float(np.mean(scores)),
+        "questions": len(scores),
+        "by_source": by_source,
+        "examples": [
+            {"question": q.question, "prediction": p, "answers": list(q.answers)}
+            for p, q in list(zip(predictions, questions))[:5]
+        ],
+    }
 
 
 # ============================================================================ the whole benchmark
@@ -300,7 +413,9 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
 
     tokenizer = load_tokenizer(models.backbone)
     results: dict = {"benchmarks": {}, "retrievers": {}, "readers": {}}
-    scores: dict[tuple[str, str, str], np.ndarray] = {}  # (benchmark, system, metric) -> per-question 0/1: the paired comparisons
+    scores: dict[
+        tuple[str, str, str], np.ndarray
+    ] = {}  # (benchmark, system, metric) -> per-question 0/1: the paired comparisons
     stores, relevant, reader_ids, doc_cache = {}, {}, {}, {}
     for b in benchmarks:
         shared = next((stores[o.name] for o in benchmarks if o.passages is b.passages and o.name in stores), None)
@@ -309,9 +424,13 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
         n = min(settings.reader_questions, len(b.questions))
         reader_ids[b.name] = sorted(random.Random(params.seed).sample(range(len(b.questions)), n))
         results["benchmarks"][b.name] = {
-            "passages": len(b.passages), "questions": len(b.questions), "reader_questions": n,
+            "passages": len(b.passages),
+            "questions": len(b.questions),
+            "reader_questions": n,
             "questions_by_source": {t: b.sources.count(t) for t in sorted(set(b.sources))},
-            "passages_over_256_wordpieces": sum(3 + len(t) + len(x) > PASSAGE_TOKENS for t, x in zip(stores[b.name].title_ids, stores[b.name].body_ids)),
+            "passages_over_256_wordpieces": sum(
+                3 + len(t) + len(x) > PASSAGE_TOKENS for t, x in zip(stores[b.name].title_ids, stores[b.name].body_ids)
+            ),
             "questions_with_an_answer_passage": sum(bool(s) for s in relevant[b.name]["answer"]),
         }
 
@@ -323,31 +442,67 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
             entry[b.name] = recall_summary(rankings, relevant[b.name], b.sources, settings.depth)
             scores.update(per_question_recall(b.name, name, rankings, relevant[b.name]["gold"]))
         entry["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"[quality] {name}: " + ", ".join(f"{b.name} R@5 gold {entry[b.name]['gold']['recall@5']:.1f} answer {entry[b.name]['answer']['recall@5']:.1f}" for b in benchmarks), flush=True)
+        print(
+            f"[quality] {name}: "
+            + ", ".join(
+                f"{b.name} R@5 gold {entry[b.name]['gold']['recall@5']:.1f} answer {entry[b.name]['answer']['recall@5']:.1f}"
+                for b in benchmarks
+            ),
+            flush=True,
+        )
 
-    record("bm25", "BM25 (bm25s, Lucene k1=1.5 b=0.75), no training",
-           lambda b: bm25_retrieve(passage_texts(b), [q.question for q in b.questions], settings.depth))
+    record(
+        "bm25",
+        "BM25 (bm25s, Lucene k1=1.5 b=0.75), no training",
+        lambda b: bm25_retrieve(passage_texts(b), [q.question for q in b.questions], settings.depth),
+    )
     minilm = SentenceTransformer(str(models.minilm), device="cpu")
     minilm.max_seq_length = PASSAGE_TOKENS
-    record("minilm", "all-MiniLM-L6-v2 off the shelf (6 layers, mean pooling, cosine); SUPERVISED on NQ/SQuAD-train etc.",
-           lambda b: dense_rankings(encode_minilm(minilm, passage_texts(b), settings.batch_size), encode_minilm(minilm, [q.question for q in b.questions], settings.batch_size), settings.depth))
+    record(
+        "minilm",
+        "all-MiniLM-L6-v2 off the shelf (6 layers, mean pooling, cosine); SUPERVISED on NQ/SQuAD-train etc.",
+        lambda b: dense_rankings(
+            encode_minilm(minilm, passage_texts(b), settings.batch_size),
+            encode_minilm(minilm, [q.question for q in b.questions], settings.batch_size),
+            settings.depth,
+        ),
+    )
     for name, (what, load) in realm_retrievers(models, params, settings, tokenizer).items():
         query, doc = load()
 
         def rank(b: Benchmark, query=query, doc=doc, name=name) -> list[list[int]]:
             key = (id(b.passages), DOC_TOWER.get(name, name))  # benchmarks over one corpus share its passages list
             if key not in doc_cache:
-                doc_cache[key] = embed_blocks(doc, stores[b.name], CPU, settings.batch_size, progress=f"{name} {b.name}")
+                doc_cache[key] = embed_blocks(
+                    doc, stores[b.name], CPU, settings.batch_size, progress=f"{name} {b.name}"
+                )
             emb = doc_cache[key]
             q = embed_questions(query, stores[b.name], b.questions, params.model.max_query_tokens, settings.batch_size)
             return dense_rankings(emb, q, settings.depth)
 
         record(name, what, rank)
     readers = {
-        "closed_book": ("no retrieval: REALM's pre-trained encoder, null block only, fills 1-3 [MASK] slots (a cloze question's own)", "none", None),
-        "realm_finetuned": (f"REALM fine-tuned span reader over its top-{params.evaluate.top_k} passages (data/finetune)", "realm_finetuned", models.finetune),
-        **({"orqa": (f"ORQA-style: ICT retriever, fine-tuned without REALM pre-training ({models.orqa}), top-{params.evaluate.top_k} passages",
-                     "orqa_finetuned", models.orqa)} if models.orqa else {}),
+        "closed_book": (
+            "no retrieval: REALM's pre-trained encoder, null block only, fills 1-3 [MASK] slots (a cloze question's own)",
+            "none",
+            None,
+        ),
+        "realm_finetuned": (
+            f"REALM fine-tuned span reader over its top-{params.evaluate.top_k} passages (data/finetune)",
+            "realm_finetuned",
+            models.finetune,
+        ),
+        **(
+            {
+                "orqa": (
+                    f"ORQA-style: ICT retriever, fine-tuned without REALM pre-training ({models.orqa}), top-{params.evaluate.top_k} passages",
+                    "orqa_finetuned",
+                    models.orqa,
+                )
+            }
+            if models.orqa
+            else {}
+        ),
     }
     encoder = load_encoder(models.pretrain / "encoder")
     for name, (what, retrieval, trained) in readers.items():
@@ -357,12 +512,20 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
             query, reader = load_embedder(trained / "query"), load_reader(trained / "reader")
         for b in benchmarks:
             qs, src = [b.questions[i] for i in reader_ids[b.name]], [b.sources[i] for i in reader_ids[b.name]]
-            preds = (closed_book_predictions(encoder, tokenizer, qs, params.model.max_query_tokens) if trained is None
-                     else realm_reader_predictions(query, reader, stores[b.name], doc_cache[(id(b.passages), DOC_TOWER[retrieval])], qs, params))
+            preds = (
+                closed_book_predictions(encoder, tokenizer, qs, params.model.max_query_tokens)
+                if trained is None
+                else realm_reader_predictions(
+                    query, reader, stores[b.name], doc_cache[(id(b.passages), DOC_TOWER[retrieval])], qs, params
+                )
+            )
             entry[b.name] = reader_summary(preds, qs, src)
             scores[(b.name, name, "exact_match")] = np.array([answer_score(p, q) for p, q in zip(preds, qs)])
         entry["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"[quality] reader {name}: " + ", ".join(f"{b.name} EM {entry[b.name]['em']:.2f}" for b in benchmarks), flush=True)
+        print(
+            f"[quality] reader {name}: " + ", ".join(f"{b.name} EM {entry[b.name]['em']:.2f}" for b in benchmarks),
+            flush=True,
+        )
     results["comparisons"] = paired_comparisons(scores, seed=params.seed)
     return results
 
@@ -383,9 +546,13 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 SYSTEMS = {"recall": {"realm": "realm_pretrained"}, "exact_match": {"realm": "realm_finetuned"}}
 
 
-def per_question_recall(bench: str, system: str, rankings: list[list[int]], gold: list[set[int]]) -> dict[tuple[str, str, str], np.ndarray]:
+def per_question_recall(
+    bench: str, system: str, rankings: list[list[int]], gold: list[set[int]]
+) -> dict[tuple[str, str, str], np.ndarray]:
     """Per-question hit@k (1/0) of the gold passage for each k in KS, keyed as `paired_comparisons` reads them."""
-    hits = np.array([[any(h[:k]) for k in KS] for h in hit_table(rankings, gold)], dtype=np.float64).reshape(-1, len(KS))  # [Q, len(KS)]
+    hits = np.array([[any(h[:k]) for k in KS] for h in hit_table(rankings, gold)], dtype=np.float64).reshape(
+        -1, len(KS)
+    )  # [Q, len(KS)]
     return {(bench, system, f"zero_shot_recall_at_{k}"): hits[:, j] for j, k in enumerate(KS)}
 
 
@@ -428,22 +595,40 @@ def log_to_mlflow(results: dict, files: list[Path], quick: bool, root: Path = RO
     for name, entry in results["retrievers"].items():
         for b in results["benchmarks"]:
             for rule in ("gold", "answer"):
-                metrics += [Metric(f"{b}.{name}.{rule}_{k.replace('@', '_at_')}", v, now, 0) for k, v in entry[b][rule].items()]
+                metrics += [
+                    Metric(f"{b}.{name}.{rule}_{k.replace('@', '_at_')}", v, now, 0) for k, v in entry[b][rule].items()
+                ]
                 # the recall@k curve, k as the step: MLflow's chart view draws it
-                metrics += [Metric(f"{b}.{name}.{rule}_recall_curve", v, now, k) for k, v in enumerate(entry[b]["curve"][rule], start=1)]
-    metrics += [Metric(f"{b}.reader.{name}.em", entry[b]["em"], now, 0) for name, entry in results["readers"].items() for b in results["benchmarks"]]
-    metrics += [Metric(f"{c['set']}.{c['a']}_minus_{c['b']}.{c['metric']}.{k}", c[k], now, 0)
-                for c in results.get("comparisons", []) for k in ("diff", "ci_low", "ci_high")]
+                metrics += [
+                    Metric(f"{b}.{name}.{rule}_recall_curve", v, now, k)
+                    for k, v in enumerate(entry[b]["curve"][rule], start=1)
+                ]
+    metrics += [
+        Metric(f"{b}.reader.{name}.em", entry[b]["em"], now, 0)
+        for name, entry in results["readers"].items()
+        for b in results["benchmarks"]
+    ]
+    metrics += [
+        Metric(f"{c['set']}.{c['a']}_minus_{c['b']}.{c['metric']}.{k}", c[k], now, 0)
+        for c in results.get("comparisons", [])
+        for k in ("diff", "ci_low", "ci_high")
+    ]
     return log_bench_run("quality", results["config"], metrics, files, quick=quick, root=root)
 
 
 def pipeline_summary(params: Params) -> str:
     """What the compared checkpoints were trained with (the workspace's params.yaml), for the report."""
     m, c = params.model, params.corpus
-    passages = "all 10,033 vital passages" if c.max_passages is None else f"a {c.max_passages}-passage sample of the vital articles"
-    return (f"{m.num_hidden_layers or 'all'}-layer towers and encoder, trained on {passages}: ICT {params.ict.steps} steps, encoder warm-up "
-            f"{params.encoder_warmup.steps}, REALM pre-training {params.pretrain.steps} (refresh every {params.pretrain.refresh_every}), "
-            f"fine-tuning {params.finetune.steps} steps of {params.finetune.batch_size} questions")
+    passages = (
+        "all 10,033 vital passages"
+        if c.max_passages is None
+        else f"a {c.max_passages}-passage sample of the vital articles"
+    )
+    return (
+        f"{m.num_hidden_layers or 'all'}-layer towers and encoder, trained on {passages}: ICT {params.ict.steps} steps, encoder warm-up "
+        f"{params.encoder_warmup.steps}, REALM pre-training {params.pretrain.steps} (refresh every {params.pretrain.refresh_every}), "
+        f"fine-tuning {params.finetune.steps} steps of {params.finetune.batch_size} questions"
+    )
 
 
 def question_sets(args: argparse.Namespace, params: Params) -> list[Benchmark]:
@@ -457,11 +642,21 @@ def question_sets(args: argparse.Namespace, params: Params) -> list[Benchmark]:
         out.append(cloze(blocks, corpus_dir / "qa_dev.jsonl", quick, params.seed))
     linked = vital_linked_blocks(args.data, blocks, 50 if args.quick else None, params.seed) if blocks else None
     if linked is None:
-        linked = vital_linked(args.data, 150, params.seed, max_questions=50) if args.quick else vital_linked(args.data, args.vital_passages, params.seed)
+        linked = (
+            vital_linked(args.data, 150, params.seed, max_questions=50)
+            if args.quick
+            else vital_linked(args.data, args.vital_passages, params.seed)
+        )
     out.append(linked)
-    out.append(squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test") if args.quick else squad_open(args.data, half="test"))
+    out.append(
+        squad_open(args.data, max_questions=100, max_passages=150, seed=params.seed, half="test")
+        if args.quick
+        else squad_open(args.data, half="test")
+    )
     if (args.questions or args.regex_questions) and blocks is None:
-        raise SystemExit("error: --questions are scored over the pipeline's blocks: run `realm run` first (data/corpus/blocks.jsonl)")
+        raise SystemExit(
+            "error: --questions are scored over the pipeline's blocks: run `realm run` first (data/corpus/blocks.jsonl)"
+        )
     aliases = vital_titles(args.data) if (args.data / VITAL_PASSAGES).is_file() else {}
     for path, regex in [*((p, False) for p in args.questions), *((p, True) for p in args.regex_questions)]:
         out.append(question_file(path, blocks, regex=regex, aliases=aliases))
@@ -473,15 +668,51 @@ def question_sets(args: argparse.Namespace, params: Params) -> list[Benchmark]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small subsets, 1 ICT step: a smoke test of the whole bench")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder (SOURCES.md)")
-    parser.add_argument("--vital-passages", type=int, default=2000, help="vital-linked corpus size (linked passages + seeded others)")
-    parser.add_argument("--reader-questions", type=int, default=Settings.reader_questions, help="questions per benchmark for the readers (seeded sample)")
-    parser.add_argument("--orqa", type=Path, help="an ORQA-style fine-tune (query/, reader/) of a `finetune.init=ict` run: the orqa reader row")
-    parser.add_argument("--questions", type=Path, nargs="*", default=[], help="more question files (any format of realm_core/questions.py), each its own set over the pipeline's blocks")
-    parser.add_argument("--regex-questions", type=Path, nargs="*", default=[], help="question files whose answers are regexes (CuratedTREC), as --questions")
-    parser.add_argument("--reinit-ict-steps", type=int, help="ICT steps of the re-initialised retriever (default: ict.steps; 0 = leave that row out)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where quality.{json,md} and the PNG go (the committed report: reports/)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small subsets, 1 ICT step: a smoke test of the whole bench"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder (SOURCES.md)"
+    )
+    parser.add_argument(
+        "--vital-passages", type=int, default=2000, help="vital-linked corpus size (linked passages + seeded others)"
+    )
+    parser.add_argument(
+        "--reader-questions",
+        type=int,
+        default=Settings.reader_questions,
+        help="questions per benchmark for the readers (seeded sample)",
+    )
+    parser.add_argument(
+        "--orqa",
+        type=Path,
+        help="an ORQA-style fine-tune (query/, reader/) of a `finetune.init=ict` run: the orqa reader row",
+    )
+    parser.add_argument(
+        "--questions",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more question files (any format of realm_core/questions.py), each its own set over the pipeline's blocks",
+    )
+    parser.add_argument(
+        "--regex-questions",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="question files whose answers are regexes (CuratedTREC), as --questions",
+    )
+    parser.add_argument(
+        "--reinit-ict-steps",
+        type=int,
+        help="ICT steps of the re-initialised retriever (default: ict.steps; 0 = leave that row out)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="where quality.{json,md} and the PNG go (the committed report: reports/)",
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
     from flows.env import configure
@@ -489,21 +720,39 @@ def main() -> None:
     configure(ROOT)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     params = load_params(ROOT / "params.yaml")
-    settings = Settings(reader_questions=20 if args.quick else args.reader_questions, reinit_ict_steps=1 if args.quick else args.reinit_ict_steps)
+    settings = Settings(
+        reader_questions=20 if args.quick else args.reader_questions,
+        reinit_ict_steps=1 if args.quick else args.reinit_ict_steps,
+    )
     started = time.perf_counter()
     benchmarks = question_sets(args, params)
     models = Models.workspace(ROOT, params, args.orqa)
     results = run(benchmarks, models, params, settings)
-    results["config"] = {"quick": args.quick, "vital_passages": len(next(b for b in benchmarks if b.name == "vital_linked").passages), "reader_questions": settings.reader_questions,
-                         "pipeline": pipeline_summary(params), "orqa": str(args.orqa) if args.orqa else None, "question_files": [str(p) for p in [*args.questions, *args.regex_questions]],
-                         "passage_tokens": PASSAGE_TOKENS, "depth": settings.depth, "seed": params.seed,
-                         "reinit_ict_steps": params.ict.steps if settings.reinit_ict_steps is None else settings.reinit_ict_steps, "threads": torch.get_num_threads()}
+    results["config"] = {
+        "quick": args.quick,
+        "vital_passages": len(next(b for b in benchmarks if b.name == "vital_linked").passages),
+        "reader_questions": settings.reader_questions,
+        "pipeline": pipeline_summary(params),
+        "orqa": str(args.orqa) if args.orqa else None,
+        "question_files": [str(p) for p in [*args.questions, *args.regex_questions]],
+        "passage_tokens": PASSAGE_TOKENS,
+        "depth": settings.depth,
+        "seed": params.seed,
+        "reinit_ict_steps": params.ict.steps if settings.reinit_ict_steps is None else settings.reinit_ict_steps,
+        "threads": torch.get_num_threads(),
+    }
     results["training_overlap_by_title"] = training_overlap(benchmarks, models.blocks)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out
     files = [out / "quality.json", out / "quality.md", out / "quality_recall_at_k.png", out / "quality_comparisons.png"]
     plots = lambda r, recall_png: (plot_recall_curves(r, recall_png), plot_comparisons(r, files[3]))  # noqa: E731
-    publish(results, files, markdown_report, plots, None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)))
+    publish(
+        results,
+        files,
+        markdown_report,
+        plots,
+        None if args.no_mlflow else (lambda r, f: log_to_mlflow(r, f, args.quick)),
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,28 @@ def _label(name: str) -> str:
 def retriever_tables(results: dict) -> list[str]:
     benches = list(results["benchmarks"])
     head = ["retriever", *(f"{_label(b)} R@5 {rule}" for b in benches for rule in ("gold", "answer")), "what it is"]
-    rows = [[name, *(f"{e[b][rule]['recall@5']:.1f}" for b in benches for rule in ("gold", "answer")), e["description"]]
-            for name, e in results["retrievers"].items()]
+    rows = [
+        [name, *(f"{e[b][rule]['recall@5']:.1f}" for b in benches for rule in ("gold", "answer")), e["description"]]
+        for name, e in results["retrievers"].items()
+    ]
     lines = ["## Zero-shot retrieval recall@5 (REALM Table 2's retrieval column)", "", *_table(head, rows), ""]
-    head = ["retriever", *(f"{_label(b)} {rule} R@1 / 5 / 20" for b in benches for rule in ("gold", "answer")), "seconds"]
-    rows = [[name, *(" / ".join(f"{e[b][rule][f'recall@{k}']:.1f}" for k in (1, 5, 20)) for b in benches for rule in ("gold", "answer")), f"{e['seconds']:.0f}"]
-            for name, e in results["retrievers"].items()]
+    head = [
+        "retriever",
+        *(f"{_label(b)} {rule} R@1 / 5 / 20" for b in benches for rule in ("gold", "answer")),
+        "seconds",
+    ]
+    rows = [
+        [
+            name,
+            *(
+                " / ".join(f"{e[b][rule][f'recall@{k}']:.1f}" for k in (1, 5, 20))
+                for b in benches
+                for rule in ("gold", "answer")
+            ),
+            f"{e['seconds']:.0f}",
+        ]
+        for name, e in results["retrievers"].items()
+    ]
     lines += ["## Recall@1 / 5 / 20 in detail", "", *_table(head, rows), ""]
     for b in benches:
         tags = list(results["benchmarks"][b]["questions_by_source"])
@@ -40,8 +56,16 @@ def retriever_tables(results: dict) -> list[str]:
             continue
         counts = results["benchmarks"][b]["questions_by_source"]
         head = ["retriever", *(f"{SOURCES.get(t, t)} ({counts[t]} q)" for t in tags)]
-        rows = [[name, *(f"{e[b]['by_source'][t]['answer_recall@5']:.1f} ({e[b]['by_source'][t]['gold_recall@5']:.1f})" for t in tags)]
-                for name, e in results["retrievers"].items()]
+        rows = [
+            [
+                name,
+                *(
+                    f"{e[b]['by_source'][t]['answer_recall@5']:.1f} ({e[b]['by_source'][t]['gold_recall@5']:.1f})"
+                    for t in tags
+                ),
+            ]
+            for name, e in results["retrievers"].items()
+        ]
         lines += [f"## {_label(b)} by source: recall@5 by answer (by gold passage)", "", *_table(head, rows), ""]
     return lines
 
@@ -50,30 +74,62 @@ def reader_table(results: dict) -> list[str]:
     benches = list(results["benchmarks"])
     tags = [t for t in SOURCES if any(t in results["benchmarks"][b]["questions_by_source"] for b in benches)]
     multi = [b for b in benches if len(results["benchmarks"][b]["questions_by_source"]) > 1]
-    head = ["reader", *(f"{_label(b)} EM ({results['benchmarks'][b]['reader_questions']} q)" for b in benches),
-            *(f"{_label(b)} {SOURCES[t]}" for b in multi for t in tags), "what it is"]
-    rows = [[name, *(f"{e[b]['em']:.2f}" for b in benches),
-             *(f"{e[b]['by_source'][t]:.1f}" if t in e[b]["by_source"] else "-" for b in multi for t in tags), e["description"]]
-            for name, e in results["readers"].items()]
+    head = [
+        "reader",
+        *(f"{_label(b)} EM ({results['benchmarks'][b]['reader_questions']} q)" for b in benches),
+        *(f"{_label(b)} {SOURCES[t]}" for b in multi for t in tags),
+        "what it is",
+    ]
+    rows = [
+        [
+            name,
+            *(f"{e[b]['em']:.2f}" for b in benches),
+            *(f"{e[b]['by_source'][t]:.1f}" if t in e[b]["by_source"] else "-" for b in multi for t in tags),
+            e["description"],
+        ]
+        for name, e in results["readers"].items()
+    ]
     return ["## Readers: exact match (regex match for CuratedTREC)", "", *_table(head, rows), ""]
 
 
 def comparison_table(results: dict) -> list[str]:
     """The paired differences a - b with their bootstrap 95% intervals, in points."""
-    rows = [[_label(c["set"]), c["metric"], f"{c['a']} - {c['b']}", f"{c['a_score']:.1f} - {c['b_score']:.1f}", f"{c['diff']:+.1f}",
-             f"[{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]", str(c["questions"]), "yes" if c["ci_low"] > 0 or c["ci_high"] < 0 else "no"]
-            for c in results.get("comparisons", [])]
+    rows = [
+        [
+            _label(c["set"]),
+            c["metric"],
+            f"{c['a']} - {c['b']}",
+            f"{c['a_score']:.1f} - {c['b_score']:.1f}",
+            f"{c['diff']:+.1f}",
+            f"[{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]",
+            str(c["questions"]),
+            "yes" if c["ci_low"] > 0 or c["ci_high"] < 0 else "no",
+        ]
+        for c in results.get("comparisons", [])
+    ]
     if not rows:
         return []
-    head = ["set", "metric", "a - b", "scores", "difference (points)", "95% CI (paired bootstrap)", "questions", "separates"]
+    head = [
+        "set",
+        "metric",
+        "a - b",
+        "scores",
+        "difference (points)",
+        "95% CI (paired bootstrap)",
+        "questions",
+        "separates",
+    ]
     return ["## Paired comparisons (the paper's claims: a should beat b)", "", *_table(head, rows), ""]
 
 
 def notes(results: dict) -> list[str]:
     cfg, bench = results.get("config", {}), results["benchmarks"]
-    sizes = "; ".join(f"{_label(b)}: {v['passages']} passages ({v['passages_over_256_wordpieces']} longer than "
-                      f"{cfg.get('passage_tokens', 256)} wordpieces), {v['questions']} questions, {v['questions_with_an_answer_passage']} "
-                      f"with some passage holding an answer" for b, v in bench.items())
+    sizes = "; ".join(
+        f"{_label(b)}: {v['passages']} passages ({v['passages_over_256_wordpieces']} longer than "
+        f"{cfg.get('passage_tokens', 256)} wordpieces), {v['questions']} questions, {v['questions_with_an_answer_passage']} "
+        f"with some passage holding an answer"
+        for b, v in bench.items()
+    )
     overlap = results.get("training_overlap_by_title", {})
     return [
         "## How to read this",
@@ -109,7 +165,12 @@ def markdown_report(results: dict) -> str:
         f"{cfg.get('threads', '?')} CPU threads. All numbers in %.",
         "",
     ]
-    return "\n".join([*head, *retriever_tables(results), *reader_table(results), *comparison_table(results), *notes(results)]) + "\n"
+    return (
+        "\n".join(
+            [*head, *retriever_tables(results), *reader_table(results), *comparison_table(results), *notes(results)]
+        )
+        + "\n"
+    )
 
 
 def plot_recall_curves(results: dict, path: Path) -> Path:
@@ -126,11 +187,15 @@ def plot_recall_curves(results: dict, path: Path) -> Path:
             ax = axes[row, col]
             for name, entry in results["retrievers"].items():
                 curve = entry[b]["curve"][rule]
-                ax.plot(range(1, len(curve) + 1), curve, label=name, linestyle="--" if name in ("bm25", "minilm") else "-")
+                ax.plot(
+                    range(1, len(curve) + 1), curve, label=name, linestyle="--" if name in ("bm25", "minilm") else "-"
+                )
             ax.set_xscale("log")
             ax.set_xlabel("k")
             ax.set_ylabel(f"recall@k by {rule} (%)")
-            ax.set_title(f"{_label(b)} ({results['benchmarks'][b]['passages']} passages, {results['benchmarks'][b]['questions']} q)")
+            ax.set_title(
+                f"{_label(b)} ({results['benchmarks'][b]['passages']} passages, {results['benchmarks'][b]['questions']} q)"
+            )
             ax.grid(alpha=0.3, which="both")
             ax.set_ylim(0, 100)
     axes[0, 1].legend(fontsize=8, loc="lower right")
@@ -156,10 +221,21 @@ def plot_comparisons(results: dict, path: Path) -> Path:
     for ax, name in zip(axes[0], sets):
         mine = [c for c in rows if c["set"] == name]
         ys = range(len(mine))
-        ax.errorbar([c["diff"] for c in mine], ys, xerr=[[c["diff"] - c["ci_low"] for c in mine], [c["ci_high"] - c["diff"] for c in mine]],
-                    fmt="o", color="black", ecolor="tab:blue", capsize=3)
+        ax.errorbar(
+            [c["diff"] for c in mine],
+            ys,
+            xerr=[[c["diff"] - c["ci_low"] for c in mine], [c["ci_high"] - c["diff"] for c in mine]],
+            fmt="o",
+            color="black",
+            ecolor="tab:blue",
+            capsize=3,
+        )
         ax.axvline(0, color="tab:red", lw=1)
-        ax.set_yticks(list(ys), [f"{c['metric'].replace('zero_shot_recall_at_', 'R@')}: {c['a']} - {c['b']}" for c in mine], fontsize=8)
+        ax.set_yticks(
+            list(ys),
+            [f"{c['metric'].replace('zero_shot_recall_at_', 'R@')}: {c['a']} - {c['b']}" for c in mine],
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.set_xlabel("difference in points (95% CI, paired bootstrap)")
         ax.set_title(f"{_label(name)} ({mine[0]['questions'] if mine else 0} q)")

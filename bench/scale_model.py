@@ -58,7 +58,10 @@ PAPER = "Guu et al. 2020"
 REALM = {  # value, source
     "blocks": (13_353_718, f"{PAPER} section 4.2 (13.35M blocks; exact count: HF RealmConfig.num_block_records)"),
     "block_tokens": (288, f"{PAPER} section 4.2: blocks of up to 288 BERT wordpieces (assumed all full)"),
-    "query_tokens": (96, "params.yaml model.max_query_tokens comment: REALM uses 96 in pre-training (assumed all full)"),
+    "query_tokens": (
+        96,
+        "params.yaml model.max_query_tokens comment: REALM uses 96 in pre-training (assumed all full)",
+    ),
     "batch_size": (512, f"{PAPER} section 4.2: batch size 512"),
     "top_k": (8, f"{PAPER} section 4.2: 8 candidates, the null block included"),
     "steps": (200_000, f"{PAPER} section 4.2: 200k steps"),
@@ -75,7 +78,8 @@ TYPES = ("flat", "hnsw", "ivf_pq")
 FORMULAS = {  # how the derived numbers of the JSON are made
     "refresh.refresh_seconds": "realm.blocks * scaling.realm_block_flops / (embed_rate * n)",
     "refresh.step_seconds": "scaling.realm_step_flops / (train_rate * trainer_devices)",
-    "refresh.staleness_steps": "refresh_seconds / step_seconds", "refresh.keeps_up": "staleness_steps <= realm.refresh_every",
+    "refresh.staleness_steps": "refresh_seconds / step_seconds",
+    "refresh.keeps_up": "staleness_steps <= realm.refresh_every",
     "refresh.pretrain_seconds": "realm.steps * step_seconds",
     "choices.pipeline_local_seconds": "blocks / inputs.doc_embed.blocks_per_second (this machine's threads)",
     "choices.bert_local_seconds": "blocks * scaling.realm_block_flops / (inputs.embed.flops_per_second_per_core * inputs.embed.threads)",
@@ -118,10 +122,12 @@ def encoder_flops(enc: Encoder, tokens: float) -> float:
 def step_flops(enc: Encoder, batch: int, top_k: int, query_tokens: float, block_tokens: float) -> float:
     """Training FLOPs of one pre-training step (pretrain.py steps 1-5): 3x the forward FLOPs."""
     retrieved = top_k - 1  # candidate 0 is the null block
-    forward = batch * (encoder_flops(enc, query_tokens)  # query tower
-                       + retrieved * encoder_flops(enc, block_tokens)  # doc tower over the candidates
-                       + retrieved * encoder_flops(enc, query_tokens + block_tokens)  # encoder: [CLS] x [SEP] z [SEP]
-                       + encoder_flops(enc, query_tokens))  # encoder over the null block (x alone)
+    forward = batch * (
+        encoder_flops(enc, query_tokens)  # query tower
+        + retrieved * encoder_flops(enc, block_tokens)  # doc tower over the candidates
+        + retrieved * encoder_flops(enc, query_tokens + block_tokens)  # encoder: [CLS] x [SEP] z [SEP]
+        + encoder_flops(enc, query_tokens)
+    )  # encoder over the null block (x alone)
     return 3.0 * forward
 
 
@@ -140,9 +146,12 @@ def embed_input(throughput: dict, path: Path, model: str) -> dict[str, Any]:
     src = f"{path} embed.rows[model={row['model']!r}, precision={row['precision']}]"
     threads = throughput["meta"]["threads"]
     return {
-        "model": fact(row["model"], src), "precision": fact(row["precision"], src + ".precision"),
-        "layers": fact(row["layers"], src + ".layers"), "hidden": fact(row["hidden"], src + ".hidden"),
-        "blocks": fact(row["blocks"], src + ".blocks"), "blocks_per_second": fact(row["blocks_per_second"], src + ".blocks_per_second"),
+        "model": fact(row["model"], src),
+        "precision": fact(row["precision"], src + ".precision"),
+        "layers": fact(row["layers"], src + ".layers"),
+        "hidden": fact(row["hidden"], src + ".hidden"),
+        "blocks": fact(row["blocks"], src + ".blocks"),
+        "blocks_per_second": fact(row["blocks_per_second"], src + ".blocks_per_second"),
         "tokens_per_block": fact(row["real_tokens"] / row["blocks"], src + ".real_tokens / .blocks"),
         "flops_per_block": fact(row["useful_flops"] / row["blocks"], src + ".useful_flops / .blocks"),
         "threads": fact(threads, f"{path} meta.threads"),
@@ -159,11 +168,21 @@ def mlflow_step(db: Path) -> dict[str, Any]:
     """Median seconds between the `loss` steps of the latest finished pretrain run, and that run's params."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        run = con.execute("SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'realm.stage' "
-                          "AND t.value = 'pretrain' AND r.status = 'FINISHED' ORDER BY r.start_time DESC LIMIT 1").fetchone()
+        run = con.execute(
+            "SELECT r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'realm.stage' "
+            "AND t.value = 'pretrain' AND r.status = 'FINISHED' ORDER BY r.start_time DESC LIMIT 1"
+        ).fetchone()
         if run is None:
-            raise SystemExit(f"{db}: no finished pretrain run (tag realm.stage = pretrain); run the pipeline or `bench/throughput.py --sections pretrain`")
-        stamps = [t for _, t in con.execute("SELECT step, MIN(timestamp) FROM metrics WHERE run_uuid = ? AND key = 'loss' GROUP BY step ORDER BY step", run)]
+            raise SystemExit(
+                f"{db}: no finished pretrain run (tag realm.stage = pretrain); run the pipeline or `bench/throughput.py --sections pretrain`"
+            )
+        stamps = [
+            t
+            for _, t in con.execute(
+                "SELECT step, MIN(timestamp) FROM metrics WHERE run_uuid = ? AND key = 'loss' GROUP BY step ORDER BY step",
+                run,
+            )
+        ]
         params = dict(con.execute("SELECT key, value FROM params WHERE run_uuid = ?", run).fetchall())
     finally:
         con.close()
@@ -171,7 +190,13 @@ def mlflow_step(db: Path) -> dict[str, Any]:
     if not gaps:
         raise SystemExit(f"{db}: pretrain run {run[0]} logged fewer than 2 steps")
     q = statistics.quantiles(gaps, n=4) if len(gaps) > 1 else [gaps[0]] * 3
-    return {"run": run[0], "seconds": statistics.median(gaps), "quartiles": [q[0], q[2]], "steps": len(stamps), "params": params}
+    return {
+        "run": run[0],
+        "seconds": statistics.median(gaps),
+        "quartiles": [q[0], q[2]],
+        "steps": len(stamps),
+        "params": params,
+    }
 
 
 def step_input(throughput: dict, tp_path: Path, db: Path, params: Any, embed: dict[str, Any]) -> dict[str, Any]:
@@ -181,31 +206,56 @@ def step_input(throughput: dict, tp_path: Path, db: Path, params: Any, embed: di
         sec = throughput["pretrain"]
         row = next(r for r in sec["rows"] if r["mode"] == "sync")
         src = f"{tp_path} pretrain"
-        seconds = fact((row["loop_seconds"] - row["wait_seconds"]) / row["steps"], f"{src}.rows[mode=sync] (loop_seconds - wait_seconds) / steps")
+        seconds = fact(
+            (row["loop_seconds"] - row["wait_seconds"]) / row["steps"],
+            f"{src}.rows[mode=sync] (loop_seconds - wait_seconds) / steps",
+        )
         batch, top_k = fact(sec["batch_size"], f"{src}.batch_size"), fact(sec["top_k"], f"{src}.top_k")
         layers = fact(params.model.num_hidden_layers, f"{yaml} model.num_hidden_layers")
-        query = fact(params.model.max_query_tokens, f"{yaml} model.max_query_tokens (upper bound: sentences are shorter)")
+        query = fact(
+            params.model.max_query_tokens, f"{yaml} model.max_query_tokens (upper bound: sentences are shorter)"
+        )
         cores = fact(throughput["meta"]["threads"], f"{tp_path} meta.threads")
-        shape_src = f"{src}.batch_size, .top_k; {yaml} model.num_hidden_layers, model.max_query_tokens (queries at the cap)"
+        shape_src = (
+            f"{src}.batch_size, .top_k; {yaml} model.num_hidden_layers, model.max_query_tokens (queries at the cap)"
+        )
     else:
         m = mlflow_step(db)
         src = f"{_rel(db)} run {m['run']} (latest finished pretrain)"
         p = m["params"]
         get = lambda key, default: int(p[key]) if p.get(key, "None") != "None" else default  # noqa: E731
-        seconds = fact(m["seconds"], f"{src}: median interval between its {m['steps']} `loss` step timestamps "
-                                     f"(quartiles {m['quartiles'][0]:.2f}-{m['quartiles'][1]:.2f} s; async builder sharing the cores)")
-        batch, top_k = fact(get("pretrain.batch_size", c.batch_size), f"{src} param pretrain.batch_size"), fact(get("pretrain.top_k", c.top_k), f"{src} param pretrain.top_k")
+        seconds = fact(
+            m["seconds"],
+            f"{src}: median interval between its {m['steps']} `loss` step timestamps "
+            f"(quartiles {m['quartiles'][0]:.2f}-{m['quartiles'][1]:.2f} s; async builder sharing the cores)",
+        )
+        batch, top_k = (
+            fact(get("pretrain.batch_size", c.batch_size), f"{src} param pretrain.batch_size"),
+            fact(get("pretrain.top_k", c.top_k), f"{src} param pretrain.top_k"),
+        )
         layers = fact(get("model.num_hidden_layers", None), f"{src} param model.num_hidden_layers")
-        query = fact(get("model.max_query_tokens", params.model.max_query_tokens), f"{src} param model.max_query_tokens (upper bound: sentences are shorter)")
+        query = fact(
+            get("model.max_query_tokens", params.model.max_query_tokens),
+            f"{src} param model.max_query_tokens (upper bound: sentences are shorter)",
+        )
         cores = fact(throughput["meta"]["cpus"], f"{tp_path} meta.cpus (assumption: the run used this machine's cores)")
         shape_src = f"{src} params pretrain.batch_size, pretrain.top_k, model.num_hidden_layers, model.max_query_tokens (queries at the cap)"
     block = fact(embed["tokens_per_block"]["value"], embed["tokens_per_block"]["source"] + " (the same corpus blocks)")
     enc = encoder_of(embed, layers["value"])
     flops = step_flops(enc, batch["value"], top_k["value"], query["value"], block["value"])
     shape = fact(None, f"{shape_src}; block: {block['source']}; cores: {cores['source']}")
-    return {"seconds": seconds, "shape": shape, "batch_size": batch, "top_k": top_k, "layers": fact(enc.layers, layers["source"]), "query_tokens": query, "block_tokens": block,
-            "cores": cores, "flops": fact(flops, "step_flops(MiniLM cut, batch, top_k, query_tokens, block_tokens)"),
-            "flops_per_second_per_core": fact(flops / (seconds["value"] * cores["value"]), "flops / (seconds * cores)")}
+    return {
+        "seconds": seconds,
+        "shape": shape,
+        "batch_size": batch,
+        "top_k": top_k,
+        "layers": fact(enc.layers, layers["source"]),
+        "query_tokens": query,
+        "block_tokens": block,
+        "cores": cores,
+        "flops": fact(flops, "step_flops(MiniLM cut, batch, top_k, query_tokens, block_tokens)"),
+        "flops_per_second_per_core": fact(flops / (seconds["value"] * cores["value"]), "flops / (seconds * cores)"),
+    }
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -221,9 +271,14 @@ def index_from_bench(data: dict, path: Path) -> dict[str, Any]:
         rows = sorted((r for r in data["rows"] if r["index"] == kind and r["data"] == "random"), key=lambda r: r["n"])
         fixed, per = fit_line([(r["n"], r["index_mb"] * 2**20) for r in rows])
         sizes = ", ".join(f"{r['n']:,}" for r in rows)
-        out[kind] = {"per_vector": fact(per, f"{path} rows[data=random, index={kind}] index_mb at N = {sizes}: slope"),
-                     "fixed": fact(fixed, f"{path} same rows: intercept"),
-                     "build_seconds_per_vector": fact(rows[-1]["build_s"] / rows[-1]["n"], f"{path} build_s / n at N = {rows[-1]['n']:,} ({data['machine']['faiss_threads']} threads)")}
+        out[kind] = {
+            "per_vector": fact(per, f"{path} rows[data=random, index={kind}] index_mb at N = {sizes}: slope"),
+            "fixed": fact(fixed, f"{path} same rows: intercept"),
+            "build_seconds_per_vector": fact(
+                rows[-1]["build_s"] / rows[-1]["n"],
+                f"{path} build_s / n at N = {rows[-1]['n']:,} ({data['machine']['faiss_threads']} threads)",
+            ),
+        }
     return out
 
 
@@ -255,11 +310,19 @@ def measure_index(spec: IndexParams, sizes: list[int], seed: int, threads: int) 
             DenseIndex(x, np.arange(n), faiss_index=index, spec=s)  # the index the project would hold (checks sizes)
             points.append((n, float(faiss.serialize_index(index).nbytes)))
         fixed, per = fit_line(points)
-        src = (f"measured by bench/scale_model.py: faiss.serialize_index of DenseIndex.build's index (N(0,1) {DIM}-d, params.yaml index, type={kind}) "
-               f"at N = {', '.join(f'{n:,}' for n in sizes)}")
-        out[kind] = {"per_vector": fact(per, src + ": slope"), "fixed": fact(fixed, src + ": intercept"),
-                     "build_seconds_per_vector": fact(seconds / sizes[-1], f"{src}: build seconds / N at N = {sizes[-1]:,}, {threads} faiss thread(s)"
-                                                      + (", trained on the minimum sample" if kind == "ivf_pq" else ""))}
+        src = (
+            f"measured by bench/scale_model.py: faiss.serialize_index of DenseIndex.build's index (N(0,1) {DIM}-d, params.yaml index, type={kind}) "
+            f"at N = {', '.join(f'{n:,}' for n in sizes)}"
+        )
+        out[kind] = {
+            "per_vector": fact(per, src + ": slope"),
+            "fixed": fact(fixed, src + ": intercept"),
+            "build_seconds_per_vector": fact(
+                seconds / sizes[-1],
+                f"{src}: build seconds / N at N = {sizes[-1]:,}, {threads} faiss thread(s)"
+                + (", trained on the minimum sample" if kind == "ivf_pq" else ""),
+            ),
+        }
     return out
 
 
@@ -276,25 +339,55 @@ def devices(args: argparse.Namespace, embed: dict, step: dict) -> list[dict[str,
     peak, peak_src = GPUS[args.gpu]
     gpu = peak * args.gpu_utilisation
     gpu_src = f"{peak_src} x {args.gpu_utilisation:.0%} utilisation (assumption, --gpu-utilisation)"
-    cpu = [{"kind": "CPU core", "n": n, "embed_rate": fact(embed["flops_per_second_per_core"]["value"], embed["flops_per_second_per_core"]["source"]),
-            "train_rate": fact(step["flops_per_second_per_core"]["value"], "measured step: " + step["flops_per_second_per_core"]["source"])} for n in args.workers]
-    return cpu + [{"kind": f"{args.gpu.upper()} GPU", "n": n, "embed_rate": fact(gpu, gpu_src), "train_rate": fact(gpu, gpu_src)} for n in args.gpus]
+    cpu = [
+        {
+            "kind": "CPU core",
+            "n": n,
+            "embed_rate": fact(
+                embed["flops_per_second_per_core"]["value"], embed["flops_per_second_per_core"]["source"]
+            ),
+            "train_rate": fact(
+                step["flops_per_second_per_core"]["value"],
+                "measured step: " + step["flops_per_second_per_core"]["source"],
+            ),
+        }
+        for n in args.workers
+    ]
+    return cpu + [
+        {"kind": f"{args.gpu.upper()} GPU", "n": n, "embed_rate": fact(gpu, gpu_src), "train_rate": fact(gpu, gpu_src)}
+        for n in args.gpus
+    ]
 
 
-def refresh_rows(args: argparse.Namespace, embed: dict, step: dict, block_flops: float, realm_step_flops: float) -> list[dict[str, Any]]:
+def refresh_rows(
+    args: argparse.Namespace, embed: dict, step: dict, block_flops: float, realm_step_flops: float
+) -> list[dict[str, Any]]:
     blocks, interval, steps = REALM["blocks"][0], REALM["refresh_every"][0], REALM["steps"][0]
     rows = []
     for d in devices(args, embed, step):
         refresh = refresh_seconds(blocks, block_flops, d["embed_rate"]["value"], d["n"])
         trainer = d["n"] * args.trainer_ratio
         step_s = realm_step_flops / (d["train_rate"]["value"] * trainer)
-        rows.append({"devices": d["kind"], "n": d["n"], "trainer_devices": trainer, "embed_rate": d["embed_rate"], "train_rate": d["train_rate"],
-                     "refresh_seconds": refresh, "step_seconds": step_s, "staleness_steps": refresh / step_s,
-                     "keeps_up": refresh / step_s <= interval, "pretrain_seconds": steps * step_s})
+        rows.append(
+            {
+                "devices": d["kind"],
+                "n": d["n"],
+                "trainer_devices": trainer,
+                "embed_rate": d["embed_rate"],
+                "train_rate": d["train_rate"],
+                "refresh_seconds": refresh,
+                "step_seconds": step_s,
+                "staleness_steps": refresh / step_s,
+                "keeps_up": refresh / step_s <= interval,
+                "pretrain_seconds": steps * step_s,
+            }
+        )
     return rows
 
 
-def recommend(local: float, refresh: dict[str, float], memory: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
+def recommend(
+    local: float, refresh: dict[str, float], memory: dict[str, dict], args: argparse.Namespace
+) -> dict[str, Any]:
     """Runner: this machine (thread) or else the first setup (in --workers, then --gpus order) whose one refresh
     fits --budget-minutes; index: flat while a flat DenseIndex fits --ram-gb, else ivf_pq."""
     budget = args.budget_minutes * 60
@@ -303,12 +396,17 @@ def recommend(local: float, refresh: dict[str, float], memory: dict[str, dict], 
     else:
         fits = [k for k, t in refresh.items() if t <= budget]
         pick = fits[0] if fits else min(refresh, key=refresh.get)
-        runner, seconds = f"dask or ray, {pick}" + ("" if "CPU" in pick else ", device: cuda") + ("" if fits else " (over budget)"), refresh[pick]
+        runner, seconds = (
+            f"dask or ray, {pick}" + ("" if "CPU" in pick else ", device: cuda") + ("" if fits else " (over budget)"),
+            refresh[pick],
+        )
     index = "flat" if memory["flat"]["dense_index"] <= args.ram_gb * 2**30 else "ivf_pq, index.mmap: true"
     return {"runner": runner, "refresh_seconds": seconds, "index": index}
 
 
-def choice_rows(args: argparse.Namespace, doc: dict, embed: dict, index: dict, block_flops: float, gemm: float) -> list[dict[str, Any]]:
+def choice_rows(
+    args: argparse.Namespace, doc: dict, embed: dict, index: dict, block_flops: float, gemm: float
+) -> list[dict[str, Any]]:
     rows = []
     local = embed["threads"]["value"]
     per_core = embed["flops_per_second_per_core"]["value"]
@@ -316,13 +414,29 @@ def choice_rows(args: argparse.Namespace, doc: dict, embed: dict, index: dict, b
     for n in args.choice_sizes:
         pipeline = n / doc["blocks_per_second"]["value"]  # the measured doc embedder on this machine's threads
         bert_local = refresh_seconds(n, block_flops, per_core, local)
-        setups_doc = {f"{w} CPU workers": n * doc["threads"]["value"] / doc["blocks_per_second"]["value"] / w for w in args.workers}
-        setups_bert = {**{f"{w} CPU workers": refresh_seconds(n, block_flops, per_core, w) for w in args.workers},
-                       **{f"{g} {args.gpu.upper()} GPUs": refresh_seconds(n, block_flops, peak, g) for g in args.gpus}}
+        setups_doc = {
+            f"{w} CPU workers": n * doc["threads"]["value"] / doc["blocks_per_second"]["value"] / w
+            for w in args.workers
+        }
+        setups_bert = {
+            **{f"{w} CPU workers": refresh_seconds(n, block_flops, per_core, w) for w in args.workers},
+            **{f"{g} {args.gpu.upper()} GPUs": refresh_seconds(n, block_flops, peak, g) for g in args.gpus},
+        }
         memory = {kind: memory_bytes(index, kind, n) for kind in TYPES}
-        rows.append({"blocks": n, "budget_minutes": args.budget_minutes, "ram_gb": args.ram_gb, "pipeline_local_seconds": pipeline, "bert_local_seconds": bert_local, "bert_setups_seconds": setups_bert,
-                     "memory": memory, "flat_search_seconds_per_512_queries": 512 * 2.0 * n * DIM / gemm,
-                     "pipeline": recommend(pipeline, setups_doc, memory, args), "bert": recommend(bert_local, setups_bert, memory, args)})
+        rows.append(
+            {
+                "blocks": n,
+                "budget_minutes": args.budget_minutes,
+                "ram_gb": args.ram_gb,
+                "pipeline_local_seconds": pipeline,
+                "bert_local_seconds": bert_local,
+                "bert_setups_seconds": setups_bert,
+                "memory": memory,
+                "flat_search_seconds_per_512_queries": 512 * 2.0 * n * DIM / gemm,
+                "pipeline": recommend(pipeline, setups_doc, memory, args),
+                "bert": recommend(bert_local, setups_bert, memory, args),
+            }
+        )
     return rows
 
 
@@ -358,34 +472,90 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check = encoder_flops(measured_enc, embed["tokens_per_block"]["value"]) / embed["flops_per_block"]["value"]
     block_flops = encoder_flops(BERT_BASE, REALM["block_tokens"][0])
     realm = {k: fact(v, s) for k, (v, s) in REALM.items()}
-    realm_step = step_flops(BERT_BASE, REALM["batch_size"][0], REALM["top_k"][0], REALM["query_tokens"][0], REALM["block_tokens"][0])
-    gemm = fact(throughput["gemm"]["flops_per_second"], f"{_rel(args.throughput)} gemm.flops_per_second (fp32, {throughput['meta']['threads']} threads)")
+    realm_step = step_flops(
+        BERT_BASE, REALM["batch_size"][0], REALM["top_k"][0], REALM["query_tokens"][0], REALM["block_tokens"][0]
+    )
+    gemm = fact(
+        throughput["gemm"]["flops_per_second"],
+        f"{_rel(args.throughput)} gemm.flops_per_second (fp32, {throughput['meta']['threads']} threads)",
+    )
     scaling = {
-        "formula_check": fact(check, f"encoder_flops({measured_enc.name}, f = 4h, mean tokens) / measured flops_per_block (below 1 only by the "
-                                     "spread of block lengths in the n^2 term)"),
+        "formula_check": fact(
+            check,
+            f"encoder_flops({measured_enc.name}, f = 4h, mean tokens) / measured flops_per_block (below 1 only by the "
+            "spread of block lengths in the n^2 term)",
+        ),
         "realm_block_flops": fact(block_flops, "encoder_flops(BERT-base: 12 layers, h 768, f 3072; 288 tokens)"),
-        "block_flop_ratio": fact(block_flops / embed["flops_per_block"]["value"], "realm_block_flops / measured flops_per_block"),
-        "realm_block_seconds_per_core": fact(block_flops / embed["flops_per_second_per_core"]["value"], "realm_block_flops / measured FLOP/s per core"),
-        "realm_step_flops": fact(realm_step, "step_flops(BERT-base, realm.batch_size, realm.top_k, realm.query_tokens, realm.block_tokens)"),
+        "block_flop_ratio": fact(
+            block_flops / embed["flops_per_block"]["value"], "realm_block_flops / measured flops_per_block"
+        ),
+        "realm_block_seconds_per_core": fact(
+            block_flops / embed["flops_per_second_per_core"]["value"], "realm_block_flops / measured FLOP/s per core"
+        ),
+        "realm_step_flops": fact(
+            realm_step, "step_flops(BERT-base, realm.batch_size, realm.top_k, realm.query_tokens, realm.block_tokens)"
+        ),
         "step_flop_ratio": fact(realm_step / step["flops"]["value"], "realm_step_flops / measured step's flops"),
     }
     c = params.pretrain
     metrics = json.loads(args.pretrain_metrics.read_text()) if args.pretrain_metrics.is_file() else {}
-    predicted_build = doc["blocks"]["value"] * doc["threads"]["value"] / doc["blocks_per_second"]["value"] / c.refresh_threads
+    predicted_build = (
+        doc["blocks"]["value"] * doc["threads"]["value"] / doc["blocks_per_second"]["value"] / c.refresh_threads
+    )
     default_run = {
-        "predicted_build_seconds": fact(predicted_build, f"doc blocks / (doc blocks_per_second / threads) / params.yaml pretrain.refresh_threads ({c.refresh_threads})"),
-        "predicted_staleness_steps": fact(predicted_build / step["seconds"]["value"], "predicted_build_seconds / measured step seconds"),
-        **({"measured_staleness_steps": fact(metrics["refresh_staleness_mean"], f"{_rel(args.pretrain_metrics)} refresh_staleness_mean")} if "refresh_staleness_mean" in metrics else {}),
-        **({"measured_initial_index_seconds": fact(metrics["initial_index_seconds"], f"{_rel(args.pretrain_metrics)} initial_index_seconds (2 threads, with tokenising, faiss and I/O)"),
-            "predicted_initial_index_seconds": fact(doc["blocks"]["value"] / doc["blocks_per_second"]["value"], "doc blocks / doc blocks_per_second")} if "initial_index_seconds" in metrics else {}),
+        "predicted_build_seconds": fact(
+            predicted_build,
+            f"doc blocks / (doc blocks_per_second / threads) / params.yaml pretrain.refresh_threads ({c.refresh_threads})",
+        ),
+        "predicted_staleness_steps": fact(
+            predicted_build / step["seconds"]["value"], "predicted_build_seconds / measured step seconds"
+        ),
+        **(
+            {
+                "measured_staleness_steps": fact(
+                    metrics["refresh_staleness_mean"], f"{_rel(args.pretrain_metrics)} refresh_staleness_mean"
+                )
+            }
+            if "refresh_staleness_mean" in metrics
+            else {}
+        ),
+        **(
+            {
+                "measured_initial_index_seconds": fact(
+                    metrics["initial_index_seconds"],
+                    f"{_rel(args.pretrain_metrics)} initial_index_seconds (2 threads, with tokenising, faiss and I/O)",
+                ),
+                "predicted_initial_index_seconds": fact(
+                    doc["blocks"]["value"] / doc["blocks_per_second"]["value"], "doc blocks / doc blocks_per_second"
+                ),
+            }
+            if "initial_index_seconds" in metrics
+            else {}
+        ),
     }
     rows = refresh_rows(args, embed, step, block_flops, realm_step)
-    realm_split = next((r for r in rows if "GPU" in r["devices"] and r["n"] * args.trainer_ratio == REALM["trainer_devices"][0]), None)
-    return {"command": " ".join(["python", "bench/scale_model.py", *args.argv]), "formulas": FORMULAS, "realm": realm, "gpu": {"name": args.gpu, "peak": fact(GPUS[args.gpu][0], GPUS[args.gpu][1]),
-            "utilisation": fact(args.gpu_utilisation, "assumption (--gpu-utilisation)")},
-            "inputs": {"embed": embed, "doc_embed": doc, "step": step, "index": index, "gemm": gemm}, "scaling": scaling, "default_run": default_run,
-            "refresh": rows, "realm_split": realm_split, "choices": choice_rows(args, doc, embed, index, block_flops, gemm["value"]),
-            "assumptions": assumptions(args, embed["threads"]["value"]), "trainer_ratio": args.trainer_ratio, "seconds": round(time.perf_counter() - started, 1)}
+    realm_split = next(
+        (r for r in rows if "GPU" in r["devices"] and r["n"] * args.trainer_ratio == REALM["trainer_devices"][0]), None
+    )
+    return {
+        "command": " ".join(["python", "bench/scale_model.py", *args.argv]),
+        "formulas": FORMULAS,
+        "realm": realm,
+        "gpu": {
+            "name": args.gpu,
+            "peak": fact(GPUS[args.gpu][0], GPUS[args.gpu][1]),
+            "utilisation": fact(args.gpu_utilisation, "assumption (--gpu-utilisation)"),
+        },
+        "inputs": {"embed": embed, "doc_embed": doc, "step": step, "index": index, "gemm": gemm},
+        "scaling": scaling,
+        "default_run": default_run,
+        "refresh": rows,
+        "realm_split": realm_split,
+        "choices": choice_rows(args, doc, embed, index, block_flops, gemm["value"]),
+        "assumptions": assumptions(args, embed["threads"]["value"]),
+        "trainer_ratio": args.trainer_ratio,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 # ---------------------------------------------------------------------------- report
@@ -412,82 +582,189 @@ def _g(flops: float) -> str:
 
 
 def markdown(r: dict) -> str:
-    e, d, s, ix, sc = r["inputs"]["embed"], r["inputs"]["doc_embed"], r["inputs"]["step"], r["inputs"]["index"], r["scaling"]
+    e, d, s, ix, sc = (
+        r["inputs"]["embed"],
+        r["inputs"]["doc_embed"],
+        r["inputs"]["step"],
+        r["inputs"]["index"],
+        r["scaling"],
+    )
     blocks = r["realm"]["blocks"]["value"]
     row = lambda q, v, f: f"| {q} | {v} | {f['source']} |"  # noqa: E731
     lines = [
-        "# REALM at its real scale: a cost model from measured numbers (bench/scale_model.py)", "",
+        "# REALM at its real scale: a cost model from measured numbers (bench/scale_model.py)",
+        "",
         f"`{r['command']}`. Scales what this machine measured to REALM's {blocks:,} blocks of {r['realm']['block_tokens']['value']} wordpieces "
-        f"and BERT-base, by FLOPs (formulas and assumptions: the script's docstring and the list at the end). Every number names its source.", "",
-        "## Measured inputs", "", "| quantity | value | source |", "|---|---|---|",
-        row(f"block embedding, {e['model']['value']} ({e['layers']['value']} layers, h {e['hidden']['value']}, {e['precision']['value']})",
-            f"{e['blocks_per_second']['value']:,.0f} blocks/s on {e['threads']['value']} threads", e["blocks_per_second"]),
-        row("its FLOPs per block", f"{_g(e['flops_per_block']['value'])} ({e['tokens_per_block']['value']:.1f} wordpieces)", e["flops_per_block"]),
-        row("its FLOP/s per core", f"{e['flops_per_second_per_core']['value'] / 1e9:,.0f} GFLOP/s", e["flops_per_second_per_core"]),
-        row(f"block embedding, {d['model']['value']} ({d['layers']['value']} layers, {d['precision']['value']})", f"{d['blocks_per_second']['value']:,.0f} blocks/s", d["blocks_per_second"]),
+        f"and BERT-base, by FLOPs (formulas and assumptions: the script's docstring and the list at the end). Every number names its source.",
+        "",
+        "## Measured inputs",
+        "",
+        "| quantity | value | source |",
+        "|---|---|---|",
+        row(
+            f"block embedding, {e['model']['value']} ({e['layers']['value']} layers, h {e['hidden']['value']}, {e['precision']['value']})",
+            f"{e['blocks_per_second']['value']:,.0f} blocks/s on {e['threads']['value']} threads",
+            e["blocks_per_second"],
+        ),
+        row(
+            "its FLOPs per block",
+            f"{_g(e['flops_per_block']['value'])} ({e['tokens_per_block']['value']:.1f} wordpieces)",
+            e["flops_per_block"],
+        ),
+        row(
+            "its FLOP/s per core",
+            f"{e['flops_per_second_per_core']['value'] / 1e9:,.0f} GFLOP/s",
+            e["flops_per_second_per_core"],
+        ),
+        row(
+            f"block embedding, {d['model']['value']} ({d['layers']['value']} layers, {d['precision']['value']})",
+            f"{d['blocks_per_second']['value']:,.0f} blocks/s",
+            d["blocks_per_second"],
+        ),
         row("one pre-training step", f"{s['seconds']['value']:.2f} s", s["seconds"]),
-        row("its shape", f"batch {s['batch_size']['value']}, k {s['top_k']['value']}, {s['layers']['value']} layers, query {s['query_tokens']['value']} + block "
-            f"{s['block_tokens']['value']:.0f} wordpieces, {s['cores']['value']} cores", s["shape"]),
-        row("its FLOPs and FLOP/s per core", f"{_g(s['flops']['value'])}; {s['flops_per_second_per_core']['value'] / 1e9:,.1f} GFLOP/s", s["flops_per_second_per_core"]),
-        row("fp32 GEMM (faiss's flat search bound)", f"{r['inputs']['gemm']['value'] / 1e9:,.0f} GFLOP/s", r["inputs"]["gemm"]),
+        row(
+            "its shape",
+            f"batch {s['batch_size']['value']}, k {s['top_k']['value']}, {s['layers']['value']} layers, query {s['query_tokens']['value']} + block "
+            f"{s['block_tokens']['value']:.0f} wordpieces, {s['cores']['value']} cores",
+            s["shape"],
+        ),
+        row(
+            "its FLOPs and FLOP/s per core",
+            f"{_g(s['flops']['value'])}; {s['flops_per_second_per_core']['value'] / 1e9:,.1f} GFLOP/s",
+            s["flops_per_second_per_core"],
+        ),
+        row(
+            "fp32 GEMM (faiss's flat search bound)",
+            f"{r['inputs']['gemm']['value'] / 1e9:,.0f} GFLOP/s",
+            r["inputs"]["gemm"],
+        ),
     ]
     for kind in TYPES:
         fixed = ix[kind]["fixed"]["value"]
-        lines.append(row(f"{kind} index bytes per vector + fixed", f"{ix[kind]['per_vector']['value']:,.1f} B + " + (_b(fixed) if fixed >= 0 else f"{fixed:,.0f} B (fit noise)"),
-                         ix[kind]["per_vector"]))
-    lines += ["", "## Scaling to REALM's BERT-base", "", "| quantity | value | source |", "|---|---|---|",
-              row("formula check (formula at the mean length / measured)", f"{sc['formula_check']['value']:.3f}", sc["formula_check"]),
-              row("FLOPs of one REALM block", _g(sc["realm_block_flops"]["value"]), sc["realm_block_flops"]),
-              row("REALM block / measured block", f"{sc['block_flop_ratio']['value']:.1f}x", sc["block_flop_ratio"]),
-              row("one REALM block on one core", f"{sc['realm_block_seconds_per_core']['value']:.3f} s", sc["realm_block_seconds_per_core"]),
-              row("FLOPs of one REALM step (batch 512)", _g(sc["realm_step_flops"]["value"]), sc["realm_step_flops"]),
-              row("REALM step / measured step", f"{sc['step_flop_ratio']['value']:,.0f}x", sc["step_flop_ratio"])]
+        lines.append(
+            row(
+                f"{kind} index bytes per vector + fixed",
+                f"{ix[kind]['per_vector']['value']:,.1f} B + "
+                + (_b(fixed) if fixed >= 0 else f"{fixed:,.0f} B (fit noise)"),
+                ix[kind]["per_vector"],
+            )
+        )
+    lines += [
+        "",
+        "## Scaling to REALM's BERT-base",
+        "",
+        "| quantity | value | source |",
+        "|---|---|---|",
+        row(
+            "formula check (formula at the mean length / measured)",
+            f"{sc['formula_check']['value']:.3f}",
+            sc["formula_check"],
+        ),
+        row("FLOPs of one REALM block", _g(sc["realm_block_flops"]["value"]), sc["realm_block_flops"]),
+        row("REALM block / measured block", f"{sc['block_flop_ratio']['value']:.1f}x", sc["block_flop_ratio"]),
+        row(
+            "one REALM block on one core",
+            f"{sc['realm_block_seconds_per_core']['value']:.3f} s",
+            sc["realm_block_seconds_per_core"],
+        ),
+        row("FLOPs of one REALM step (batch 512)", _g(sc["realm_step_flops"]["value"]), sc["realm_step_flops"]),
+        row("REALM step / measured step", f"{sc['step_flop_ratio']['value']:,.0f}x", sc["step_flop_ratio"]),
+    ]
     k = r["trainer_ratio"]
-    lines += ["", f"## One refresh of {blocks:,} blocks, one REALM step and the staleness", "",
-              f"Builder on N devices, trainer on {k} x N (REALM: 16 and 64 TPUs); staleness = refresh time / step time, in steps; "
-              f"REALM refreshes about every {r['realm']['refresh_every']['value']} steps.", "",
-              "| builder | one refresh | trainer | one step (batch 512) | staleness, steps | within 500 steps? | 200k steps |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## One refresh of {blocks:,} blocks, one REALM step and the staleness",
+        "",
+        f"Builder on N devices, trainer on {k} x N (REALM: 16 and 64 TPUs); staleness = refresh time / step time, in steps; "
+        f"REALM refreshes about every {r['realm']['refresh_every']['value']} steps.",
+        "",
+        "| builder | one refresh | trainer | one step (batch 512) | staleness, steps | within 500 steps? | 200k steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for x in r["refresh"]:
-        lines.append(f"| {x['n']:,} {x['devices']}{'s' if x['n'] > 1 else ''} | {_t(x['refresh_seconds'])} | {x['trainer_devices']:,} | {_t(x['step_seconds'])} | {x['staleness_steps']:,.0f} | "
-                     f"{'yes' if x['keeps_up'] else 'no'} | {_t(x['pretrain_seconds'])} |")
+        lines.append(
+            f"| {x['n']:,} {x['devices']}{'s' if x['n'] > 1 else ''} | {_t(x['refresh_seconds'])} | {x['trainer_devices']:,} | {_t(x['step_seconds'])} | {x['staleness_steps']:,.0f} | "
+            f"{'yes' if x['keeps_up'] else 'no'} | {_t(x['pretrain_seconds'])} |"
+        )
     cpu, gpu = r["refresh"][0], r["refresh"][-1]
-    lines += ["", "In this project the runner spreads the fine-tuning index build (flows/embedding.py) over corpus.shards shards; pre-training's refresh "
-              "(realm_core/refresh.py) runs in one builder process, so these N-device times reach pre-training only once that builder is sharded too."]
-    lines += ["", f"Rates: CPU embedding {cpu['embed_rate']['value'] / 1e9:,.0f} GFLOP/s and training {cpu['train_rate']['value'] / 1e9:,.1f} GFLOP/s per core "
-              f"({cpu['embed_rate']['source']}; {cpu['train_rate']['source']}); GPU {gpu['embed_rate']['value'] / 1e12:,.0f} TFLOP/s ({gpu['embed_rate']['source']})."]
+    lines += [
+        "",
+        "In this project the runner spreads the fine-tuning index build (flows/embedding.py) over corpus.shards shards; pre-training's refresh "
+        "(realm_core/refresh.py) runs in one builder process, so these N-device times reach pre-training only once that builder is sharded too.",
+    ]
+    lines += [
+        "",
+        f"Rates: CPU embedding {cpu['embed_rate']['value'] / 1e9:,.0f} GFLOP/s and training {cpu['train_rate']['value'] / 1e9:,.1f} GFLOP/s per core "
+        f"({cpu['embed_rate']['source']}; {cpu['train_rate']['source']}); GPU {gpu['embed_rate']['value'] / 1e12:,.0f} TFLOP/s ({gpu['embed_rate']['source']}).",
+    ]
     if r["realm_split"]:
         x = r["realm_split"]
-        lines += ["", f"At REALM's own split ({x['n']} builder, {x['trainer_devices']} trainer devices, any one device type) the model predicts "
-                  f"{x['staleness_steps']:,.0f} steps of staleness where REALM reports about {r['realm']['refresh_every']['value']}. For REALM's figure its builder must "
-                  f"have run {x['staleness_steps'] / r['realm']['refresh_every']['value']:.1f}x the trainer's FLOP/s per device (inference at a fixed length runs "
-                  "closer to peak than training), or its step cost more than the FLOPs counted here."]
-    lines += ["", "## Index memory", "", "| index.type | bytes/vector | " + " | ".join(f"{c['blocks']:,} blocks (faiss / DenseIndex RAM)" for c in r["choices"])
-              + f" | build on 1 thread, {blocks:,} |", "|---|---|" + "---|" * (len(r["choices"]) + 1)]
+        lines += [
+            "",
+            f"At REALM's own split ({x['n']} builder, {x['trainer_devices']} trainer devices, any one device type) the model predicts "
+            f"{x['staleness_steps']:,.0f} steps of staleness where REALM reports about {r['realm']['refresh_every']['value']}. For REALM's figure its builder must "
+            f"have run {x['staleness_steps'] / r['realm']['refresh_every']['value']:.1f}x the trainer's FLOP/s per device (inference at a fixed length runs "
+            "closer to peak than training), or its step cost more than the FLOPs counted here.",
+        ]
+    lines += [
+        "",
+        "## Index memory",
+        "",
+        "| index.type | bytes/vector | "
+        + " | ".join(f"{c['blocks']:,} blocks (faiss / DenseIndex RAM)" for c in r["choices"])
+        + f" | build on 1 thread, {blocks:,} |",
+        "|---|---|" + "---|" * (len(r["choices"]) + 1),
+    ]
     for kind in TYPES:
-        cells = " | ".join(f"{_b(c['memory'][kind]['faiss'])} / {_b(c['memory'][kind]['dense_index'])}" for c in r["choices"])
-        lines.append(f"| {kind} | {ix[kind]['per_vector']['value']:,.1f} | {cells} | >= {_t(ix[kind]['build_seconds_per_vector']['value'] * blocks)} |")
-    lines += ["", f"Sources: {ix['flat']['per_vector']['source']} (and likewise per type). DenseIndex RAM adds the float32 vectors and int64 ids it keeps "
-              f"({4 * DIM + 8} B a block; on disk pages with index.mmap: true). Build: {ix['hnsw']['build_seconds_per_vector']['source']}, times N (a lower bound for hnsw, "
-              "whose insertion cost grows with log N; ivf_pq training on index.ivf_pq.train_size vectors not included)."]
-    lines += ["", "## Which runner and index.type", "",
-              "One refresh (a full re-embedding) on this machine, and the runner that does it within "
-              f"{r['choices'][0]['budget_minutes']:g} min (its time in brackets):", "",
-              "| blocks | pipeline model, this machine | runner | BERT-base 288, this machine | runner | flat search, 512 queries | index.type |",
-              "|---|---|---|---|---|---|---|"]
+        cells = " | ".join(
+            f"{_b(c['memory'][kind]['faiss'])} / {_b(c['memory'][kind]['dense_index'])}" for c in r["choices"]
+        )
+        lines.append(
+            f"| {kind} | {ix[kind]['per_vector']['value']:,.1f} | {cells} | >= {_t(ix[kind]['build_seconds_per_vector']['value'] * blocks)} |"
+        )
+    lines += [
+        "",
+        f"Sources: {ix['flat']['per_vector']['source']} (and likewise per type). DenseIndex RAM adds the float32 vectors and int64 ids it keeps "
+        f"({4 * DIM + 8} B a block; on disk pages with index.mmap: true). Build: {ix['hnsw']['build_seconds_per_vector']['source']}, times N (a lower bound for hnsw, "
+        "whose insertion cost grows with log N; ivf_pq training on index.ivf_pq.train_size vectors not included).",
+    ]
+    lines += [
+        "",
+        "## Which runner and index.type",
+        "",
+        "One refresh (a full re-embedding) on this machine, and the runner that does it within "
+        f"{r['choices'][0]['budget_minutes']:g} min (its time in brackets):",
+        "",
+        "| blocks | pipeline model, this machine | runner | BERT-base 288, this machine | runner | flat search, 512 queries | index.type |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in r["choices"]:
-        lines.append(f"| {c['blocks']:,} | {_t(c['pipeline_local_seconds'])} | {c['pipeline']['runner']} ({_t(c['pipeline']['refresh_seconds'])}) | "
-                     f"{_t(c['bert_local_seconds'])} | {c['bert']['runner']} ({_t(c['bert']['refresh_seconds'])}) | "
-                     f">= {_t(c['flat_search_seconds_per_512_queries'])} | {c['bert']['index']} |")
-    lines += ["", "Pipeline model: the measured doc embedder at this corpus's block lengths; BERT-base: 288 wordpieces. Flat search: 2 N d FLOPs a query "
-              f"at the fp32 GEMM rate (a lower bound). index.type: flat while a flat DenseIndex fits {r['choices'][0]['ram_gb']:g} GiB of RAM."]
+        lines.append(
+            f"| {c['blocks']:,} | {_t(c['pipeline_local_seconds'])} | {c['pipeline']['runner']} ({_t(c['pipeline']['refresh_seconds'])}) | "
+            f"{_t(c['bert_local_seconds'])} | {c['bert']['runner']} ({_t(c['bert']['refresh_seconds'])}) | "
+            f">= {_t(c['flat_search_seconds_per_512_queries'])} | {c['bert']['index']} |"
+        )
+    lines += [
+        "",
+        "Pipeline model: the measured doc embedder at this corpus's block lengths; BERT-base: 288 wordpieces. Flat search: 2 N d FLOPs a query "
+        f"at the fp32 GEMM rate (a lower bound). index.type: flat while a flat DenseIndex fits {r['choices'][0]['ram_gb']:g} GiB of RAM.",
+    ]
     dr = r["default_run"]
     if "measured_staleness_steps" in dr:
-        lines += ["", "## Check against the default run", "",
-                  f"The model predicts a refresh of the default run's {d['blocks']['value']:,} blocks in {dr['predicted_build_seconds']['value']:.1f} s on its builder thread, "
-                  f"{dr['predicted_staleness_steps']['value']:.1f} steps of staleness; the run measured {dr['measured_staleness_steps']['value']:.1f} "
-                  f"({dr['measured_staleness_steps']['source']})."
-                  + (f" Its first index took {dr['measured_initial_index_seconds']['value']:.1f} s against {dr['predicted_initial_index_seconds']['value']:.1f} s of embedding: "
-                     "at this size the fixed costs (tokenising, faiss, files) dominate; they do not grow with the corpus as embedding does." if "measured_initial_index_seconds" in dr else "")]
+        lines += [
+            "",
+            "## Check against the default run",
+            "",
+            f"The model predicts a refresh of the default run's {d['blocks']['value']:,} blocks in {dr['predicted_build_seconds']['value']:.1f} s on its builder thread, "
+            f"{dr['predicted_staleness_steps']['value']:.1f} steps of staleness; the run measured {dr['measured_staleness_steps']['value']:.1f} "
+            f"({dr['measured_staleness_steps']['source']})."
+            + (
+                f" Its first index took {dr['measured_initial_index_seconds']['value']:.1f} s against {dr['predicted_initial_index_seconds']['value']:.1f} s of embedding: "
+                "at this size the fixed costs (tokenising, faiss, files) dominate; they do not grow with the corpus as embedding does."
+                if "measured_initial_index_seconds" in dr
+                else ""
+            ),
+        ]
     lines += ["", "## Assumptions", "", *[f"- {a}" for a in r["assumptions"]], "", f"Computed in {r['seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
 
@@ -503,12 +780,27 @@ def plot(r: dict, path: Path) -> None:
         xs = [x for x in r["refresh"] if x["devices"] == kind]
         a.loglog([x["n"] for x in xs], [x["refresh_seconds"] / 3600 for x in xs], marker="o", label=kind + "s")
     a.axhline(1, color="grey", ls=":", label="1 hour")
-    a.set(title=f"one refresh, {r['realm']['blocks']['value']:,} blocks (BERT-base, 288 wp)", xlabel="builder devices", ylabel="hours")
+    a.set(
+        title=f"one refresh, {r['realm']['blocks']['value']:,} blocks (BERT-base, 288 wp)",
+        xlabel="builder devices",
+        ylabel="hours",
+    )
     a.legend(fontsize=8)
     sizes = [c["blocks"] for c in r["choices"]]
     for kind in TYPES:
-        (line,) = b.loglog(sizes, [c["memory"][kind]["dense_index"] / 2**30 for c in r["choices"]], marker="o", label=f"{kind}: DenseIndex RAM")
-        b.loglog(sizes, [c["memory"][kind]["faiss"] / 2**30 for c in r["choices"]], ls="--", color=line.get_color(), label=f"{kind}: faiss index alone")
+        (line,) = b.loglog(
+            sizes,
+            [c["memory"][kind]["dense_index"] / 2**30 for c in r["choices"]],
+            marker="o",
+            label=f"{kind}: DenseIndex RAM",
+        )
+        b.loglog(
+            sizes,
+            [c["memory"][kind]["faiss"] / 2**30 for c in r["choices"]],
+            ls="--",
+            color=line.get_color(),
+            label=f"{kind}: faiss index alone",
+        )
     b.set(title="index memory", xlabel="blocks", ylabel="GiB")
     b.legend(fontsize=8)
     fig.tight_layout()
@@ -518,22 +810,61 @@ def plot(r: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--throughput", type=Path, default=ROOT / "reports" / "throughput.json", help="bench/throughput.py's JSON (embed section; pretrain if run)")
-    ap.add_argument("--mlflow", type=Path, default=ROOT / "mlruns.db", help="MLflow SQLite store: the pretrain step time when throughput.json has no pretrain section")
-    ap.add_argument("--pretrain-metrics", type=Path, default=ROOT / "metrics" / "pretrain.json", help="the default run's refresh facts (the check)")
-    ap.add_argument("--index-results", type=Path, default=ROOT / "bench" / "results" / "index.json", help="bench/index.py's JSON; absent = measure here")
+    ap.add_argument(
+        "--throughput",
+        type=Path,
+        default=ROOT / "reports" / "throughput.json",
+        help="bench/throughput.py's JSON (embed section; pretrain if run)",
+    )
+    ap.add_argument(
+        "--mlflow",
+        type=Path,
+        default=ROOT / "mlruns.db",
+        help="MLflow SQLite store: the pretrain step time when throughput.json has no pretrain section",
+    )
+    ap.add_argument(
+        "--pretrain-metrics",
+        type=Path,
+        default=ROOT / "metrics" / "pretrain.json",
+        help="the default run's refresh facts (the check)",
+    )
+    ap.add_argument(
+        "--index-results",
+        type=Path,
+        default=ROOT / "bench" / "results" / "index.json",
+        help="bench/index.py's JSON; absent = measure here",
+    )
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    ap.add_argument("--index-sizes", type=int, nargs=2, default=[10_000, 20_000], help="random vectors per measured index (when measuring here)")
+    ap.add_argument(
+        "--index-sizes",
+        type=int,
+        nargs=2,
+        default=[10_000, 20_000],
+        help="random vectors per measured index (when measuring here)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="faiss threads for that measurement")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 8, 64], help="CPU workers (cores) building the index")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16], help="GPUs building the index")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="a100")
     ap.add_argument("--gpu-utilisation", type=float, default=0.4, help="share of the GPU's peak reached (assumption)")
-    ap.add_argument("--trainer-ratio", type=int, default=REALM["trainer_devices"][0] // REALM["builder_devices"][0], help="trainer devices per builder device")
-    ap.add_argument("--choice-sizes", type=int, nargs="+", default=[10_000, 1_000_000, REALM["blocks"][0]], help="corpus sizes of the recommendation")
+    ap.add_argument(
+        "--trainer-ratio",
+        type=int,
+        default=REALM["trainer_devices"][0] // REALM["builder_devices"][0],
+        help="trainer devices per builder device",
+    )
+    ap.add_argument(
+        "--choice-sizes",
+        type=int,
+        nargs="+",
+        default=[10_000, 1_000_000, REALM["blocks"][0]],
+        help="corpus sizes of the recommendation",
+    )
     ap.add_argument("--budget-minutes", type=float, default=60, help="a runner must finish one refresh within this")
     ap.add_argument("--ram-gb", type=float, default=8, help="flat while a flat DenseIndex fits in this much RAM (GiB)")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "scale_model.json", help="the JSON; .md and .png beside it")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "reports" / "scale_model.json", help="the JSON; .md and .png beside it"
+    )
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args

@@ -37,7 +37,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class AskRequest(BaseModel):
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="the question, e.g. 'who wrote hamlet?'")
+    question: str = Field(
+        min_length=1, max_length=MAX_QUESTION_CHARS, description="the question, e.g. 'who wrote hamlet?'"
+    )
     top_k: int = Field(5, ge=1, le=100, description="how many retrieved blocks to return as evidence")
 
 
@@ -46,7 +48,7 @@ class BodyLimit:
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
         self.app, self.limit = app, limit
-        self.message = f"request body over {limit:,} bytes; send one JSON object {{\"question\": ..., \"top_k\": ...}} with a question of at most {MAX_QUESTION_CHARS:,} characters"
+        self.message = f'request body over {limit:,} bytes; send one JSON object {{"question": ..., "top_k": ...}} with a question of at most {MAX_QUESTION_CHARS:,} characters'
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +65,9 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise StarletteHTTPException(status_code=413, detail=self.message)  # FastAPI re-raises it from body parsing
+                raise StarletteHTTPException(
+                    status_code=413, detail=self.message
+                )  # FastAPI re-raises it from body parsing
             return message
 
         await self.app(scope, limited, send)
@@ -75,7 +79,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
-def create_app(answerer: Answerer | None = None, root: Path | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    answerer: Answerer | None = None, root: Path | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The FastAPI app; give a loaded `answerer`, or a project `root` to load it from at start-up."""
     if answerer is None and root is None:
         raise ValueError("give a loaded Answerer or the project root to load one from")

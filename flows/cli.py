@@ -23,7 +23,11 @@ import typer
 
 from flows.env import configure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="REALM pipeline: corpus -> ict -> pretrain -> finetune -> evaluate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="REALM pipeline: corpus -> ict -> pretrain -> finetune -> evaluate.",
+)
 
 
 class Stage(str, Enum):
@@ -86,18 +90,31 @@ def _print_summary(result: dict) -> None:
 
 @app.command()
 def run(
-    set_params: Annotated[list[str] | None, typer.Option("-S", "--set-param", help="section.key=value; makes a DVC experiment (dvc exp run -S)")] = None,
+    set_params: Annotated[
+        list[str] | None,
+        typer.Option("-S", "--set-param", help="section.key=value; makes a DVC experiment (dvc exp run -S)"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
     name: Annotated[str | None, typer.Option("--name", help="experiment name (implies dvc exp run)")] = None,
-    temp: Annotated[bool, typer.Option("--temp", help="run the experiment in a temporary copy; the workspace stays as it is")] = False,
-    profile: Annotated[str | None, typer.Option("--profile", help="profiles/<name>.yaml: its keys become -S overrides (a DVC experiment), e.g. quality")] = None,
+    temp: Annotated[
+        bool, typer.Option("--temp", help="run the experiment in a temporary copy; the workspace stays as it is")
+    ] = False,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", help="profiles/<name>.yaml: its keys become -S overrides (a DVC experiment), e.g. quality"
+        ),
+    ] = None,
 ) -> None:
     """Run the pipeline: only stale stages run (DVC), one MLflow parent run, a nested run per stage."""
     root = configure()
     from flows.pipeline import PipelineError, check_overrides, pipeline_flow, profile_overrides
 
     try:
-        set_params = [*(profile_overrides(root, profile) if profile else []), *(set_params or [])]  # an explicit -S wins
+        set_params = [
+            *(profile_overrides(root, profile) if profile else []),
+            *(set_params or []),
+        ]  # an explicit -S wins
         check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
         result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
     except (*_user_errors(), PipelineError) as exc:
@@ -109,7 +126,9 @@ def run(
 def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> None:
     """Run one stage's Prefect flow in this directory (the `cmd` of each dvc.yaml stage)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every torchrun process would run the whole flow
-        _fail(f"`realm stage` runs a Prefect flow in one process; under torchrun use `torchrun ... -m flows.cli train {name.value}`")
+        _fail(
+            f"`realm stage` runs a Prefect flow in one process; under torchrun use `torchrun ... -m flows.cli train {name.value}`"
+        )
     root = configure()
     import importlib
     import logging
@@ -165,8 +184,10 @@ def serve(
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        _fail("schedules need a Prefect server: run `realm ui --tool prefect` in another shell, then "
-              "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and retry")
+        _fail(
+            "schedules need a Prefect server: run `realm ui --tool prefect` in another shell, then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` and retry"
+        )
     from prefect import serve as prefect_serve
 
     from flows.pipeline import scheduled_deployment
@@ -186,8 +207,18 @@ def ui(
     if tool is Tool.mlflow:
         # One worker and no job execution: 2 processes and 0.5 GB instead of ~15 and 3 GB (DESIGN.md 3b).
         os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        argv = [os.path.join(bindir, "mlflow"), "server", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
-                "--host", host, "--port", str(port or 5000), "--workers", "1"]
+        argv = [
+            os.path.join(bindir, "mlflow"),
+            "server",
+            "--backend-store-uri",
+            os.environ["MLFLOW_TRACKING_URI"],
+            "--host",
+            host,
+            "--port",
+            str(port or 5000),
+            "--workers",
+            "1",
+        ]
     else:
         argv = [os.path.join(bindir, "prefect"), "server", "start", "--host", host, "--port", str(port or 4200)]
     typer.echo(" ".join(argv))
@@ -208,9 +239,18 @@ def _print_answer(answer) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{answer.answer}[/bold]  (score {answer.score:.3f}, from block {answer.block_id}: {answer.block_title})")
+    console.print(
+        f"[bold]{answer.answer}[/bold]  (score {answer.score:.3f}, from block {answer.block_id}: {answer.block_title})"
+    )
     table = Table(title=f"top {len(answer.evidence)} retrieved blocks for: {answer.question}")
-    for col, justify in (("rank", "right"), ("block", "right"), ("title", "left"), ("f(x,z)", "right"), ("p(z|x)", "right"), ("text", "left")):
+    for col, justify in (
+        ("rank", "right"),
+        ("block", "right"),
+        ("title", "left"),
+        ("f(x,z)", "right"),
+        ("p(z|x)", "right"),
+        ("text", "left"),
+    ):
         table.add_column(col, justify=justify)
     for e in answer.evidence:
         mark = " *" if e.block_id == answer.block_id else ""
@@ -279,7 +319,10 @@ def bench(
 
     from flows.env import project_root
 
-    if name is None or name in ("--help", "-h"):  # the help option is the script's, so `realm bench quality --help` reaches it
+    if name is None or name in (
+        "--help",
+        "-h",
+    ):  # the help option is the script's, so `realm bench quality --help` reaches it
         typer.echo(ctx.get_help())
         raise typer.Exit(0 if name else 2)
     if name not in BENCHES:

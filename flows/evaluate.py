@@ -1,6 +1,6 @@
 """Stage `evaluate`: exact match and recall@k on held-out questions, with a BM25 baseline.
 
-    realm stage evaluate     (what `dvc repro evaluate` runs)
+realm stage evaluate     (what `dvc repro evaluate` runs)
 """
 
 from __future__ import annotations

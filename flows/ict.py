@@ -1,6 +1,6 @@
 """Stage `ict`: warm-start the retriever with the inverse cloze task, warm up the MLM head, teach the encoder to read.
 
-    realm stage ict          (what `dvc repro ict` runs)
+realm stage ict          (what `dvc repro ict` runs)
 """
 
 from __future__ import annotations
@@ -18,5 +18,19 @@ def ict_flow() -> dict[str, float]:
         train_ict_task(ctx.params, ctx.paths, out, ctx.log_fn)
         warmup_mlm_head_task(ctx.params, ctx.paths, out, ctx.log_fn)
         reading = warmup_encoder_task(ctx.params, ctx.paths, out, ctx.log_fn)
-        ctx.set_final({**ctx.last_logged(["ict_loss", "ict_accuracy", "mlm_loss", "mlm_accuracy", "encoder_warmup_loss", "encoder_warmup_accuracy"]), **reading})
+        ctx.set_final(
+            {
+                **ctx.last_logged(
+                    [
+                        "ict_loss",
+                        "ict_accuracy",
+                        "mlm_loss",
+                        "mlm_accuracy",
+                        "encoder_warmup_loss",
+                        "encoder_warmup_accuracy",
+                    ]
+                ),
+                **reading,
+            }
+        )
     return ctx.final

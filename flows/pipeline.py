@@ -25,7 +25,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.env import project_root
-from flows.tracking import MEMORY_KEYS, PARENT_RUN_ENV, STAGES, ensure_experiment, git_commit, log_params, prefect_flow_run_id, tracking_client
+from flows.tracking import (
+    MEMORY_KEYS,
+    PARENT_RUN_ENV,
+    STAGES,
+    ensure_experiment,
+    git_commit,
+    log_params,
+    prefect_flow_run_id,
+    tracking_client,
+)
 from realm_core.config import Params, ParamsError, flatten, load_params
 from realm_core.paths import Paths, backbone_dir
 
@@ -43,7 +52,9 @@ def check_overrides(params_file: Path, overrides: list[str]) -> Params:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
-            raise ParamsError(f"-S {item!r}: expected section.key=value with a key of params.yaml, e.g. -S finetune.lr=3e-5")
+            raise ParamsError(
+                f"-S {item!r}: expected section.key=value with a key of params.yaml, e.g. -S finetune.lr=3e-5"
+            )
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
@@ -66,7 +77,9 @@ def profile_overrides(root: Path, name: str) -> list[str]:
     path = root / PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (root / PROFILES_DIR).glob("*.yaml"))
-        raise ParamsError(f"{path}: no such profile; the profiles are {', '.join(known) or 'none'} (files in {root / PROFILES_DIR})")
+        raise ParamsError(
+            f"{path}: no such profile; the profiles are {', '.join(known) or 'none'} (files in {root / PROFILES_DIR})"
+        )
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -74,7 +87,10 @@ def profile_overrides(root: Path, name: str) -> list[str]:
         raise ParamsError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML ({exc})") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}:1: a profile is a mapping of params.yaml sections, got {type(tree).__name__}")
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}" for key, value in flatten(tree).items()]
+    return [
+        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in flatten(tree).items()
+    ]
 
 
 def dvc_command(overrides: list[str], force: bool, name: str | None, temp: bool = False) -> list[str]:
@@ -135,7 +151,13 @@ def parent_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 @flow(name="realm-pipeline", log_prints=True)
-def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name: str | None = None, root: str | None = None, temp: bool = False) -> dict:
+def pipeline_flow(
+    set_params: list[str] | None = None,
+    force: bool = False,
+    name: str | None = None,
+    root: str | None = None,
+    temp: bool = False,
+) -> dict:
     """Run the stale stages (or an experiment) through DVC under one MLflow parent run."""
     logger = get_run_logger()
     root_dir = project_root(Path(root) if root else None)
@@ -144,8 +166,15 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
 
     client = tracking_client()  # a new SQLite store is created under a lock (two pipelines at once)
     experiment_id = ensure_experiment(client, root_dir)
-    tags = {"realm.stage": "pipeline", "git.commit": git_commit(root_dir), "prefect.flow_run_id": prefect_flow_run_id(), "mlflow.source.name": "realm run"}
-    parent = client.create_run(experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags).info.run_id
+    tags = {
+        "realm.stage": "pipeline",
+        "git.commit": git_commit(root_dir),
+        "prefect.flow_run_id": prefect_flow_run_id(),
+        "mlflow.source.name": "realm run",
+    }
+    parent = client.create_run(
+        experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
+    ).info.run_id
     cmd = dvc_command(overrides, force, name, temp)
     client.set_tag(parent, "dvc.command", " ".join(cmd[2:]))
     logger.info("MLflow parent run %s; running: %s", parent, " ".join(cmd[2:]))
@@ -155,10 +184,22 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
         returncode = subprocess.run(cmd, cwd=root_dir, env=stage_environment(parent)).returncode
         log_params(client, parent, load_params(root_dir / "params.yaml"))  # after `exp run -S`: the experiment's values
         children = stage_runs(client, experiment_id, parent)
-        table = [{"stage": s, "status": "ran" if s in children else "skipped (up to date)", "mlflow_run": children.get(s, ("", ""))[0], "mlflow_status": children.get(s, ("", ""))[1]} for s in STAGES]
-        create_table_artifact(key="stages", table=table, description=f"Stages of this pipeline run; MLflow parent run {parent}")
+        table = [
+            {
+                "stage": s,
+                "status": "ran" if s in children else "skipped (up to date)",
+                "mlflow_run": children.get(s, ("", ""))[0],
+                "mlflow_status": children.get(s, ("", ""))[1],
+            }
+            for s in STAGES
+        ]
+        create_table_artifact(
+            key="stages", table=table, description=f"Stages of this pipeline run; MLflow parent run {parent}"
+        )
         if returncode != 0:
-            raise PipelineError(f"`{' '.join(cmd[2:])}` exited with {returncode}; the failing stage's error is printed above")
+            raise PipelineError(
+                f"`{' '.join(cmd[2:])}` exited with {returncode}; the failing stage's error is printed above"
+            )
         metrics = read_metrics(root_dir)
         if "evaluate" in children:  # this run's own evaluation (the workspace files predate a --temp run)
             final = client.get_run(children["evaluate"][0]).data.metrics
@@ -176,4 +217,6 @@ def pipeline_flow(set_params: list[str] | None = None, force: bool = False, name
 
 def scheduled_deployment(cron: str, name: str = "nightly"):
     """The pipeline as a Prefect deployment on a cron schedule (what `realm serve` serves)."""
-    return pipeline_flow.to_deployment(name=name, cron=cron, description="realm run on a schedule: only stale stages run")
+    return pipeline_flow.to_deployment(
+        name=name, cron=cron, description="realm run on a schedule: only stale stages run"
+    )

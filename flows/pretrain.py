@@ -1,6 +1,6 @@
 """Stage `pretrain`: REALM pre-training with salient-span masking and index refreshes.
 
-    realm stage pretrain     (what `dvc repro pretrain` runs)
+realm stage pretrain     (what `dvc repro pretrain` runs)
 """
 
 from __future__ import annotations

@@ -37,7 +37,10 @@ def process_gone(tags: dict[str, str]) -> bool:
         return False  # another machine, or a run from before these tags: cannot tell
     try:
         proc = psutil.Process(int(tags["realm.pid"]))
-        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - float(tags.get("realm.pid_started", "0"))) > 1.0
+        return (
+            proc.status() == psutil.STATUS_ZOMBIE
+            or abs(proc.create_time() - float(tags.get("realm.pid_started", "0"))) > 1.0
+        )
     except psutil.NoSuchProcess:
         return True
 
@@ -78,13 +81,19 @@ def link_resumed_run(client: MlflowClient, experiment_id: str, ctx: StageContext
     earlier attempts' per-step rows are preloaded so the curve and final metrics are complete.
     """
     root = str(ctx.paths.root.resolve())
-    killed = [r for r in mark_interrupted_runs(client, experiment_id, ctx.stage) if r.data.tags.get("realm.root") == root]
+    killed = [
+        r for r in mark_interrupted_runs(client, experiment_id, ctx.stage) if r.data.tags.get("realm.root") == root
+    ]
     if not killed:  # checkpoints live in the workspace: only an attempt in this one is resumed
         return
     from realm_core.checkpoint import resume_points  # imports torch: only when there is something to resume
 
     points = resume_points(ctx.paths.scratch(ctx.stage))
-    at = str(next(iter(points.values()))) if len(points) == 1 else ",".join(f"{k}:{v}" for k, v in sorted(points.items())) or "0"
+    at = (
+        str(next(iter(points.values())))
+        if len(points) == 1
+        else ",".join(f"{k}:{v}" for k, v in sorted(points.items())) or "0"
+    )
     client.set_tag(ctx.run_id, "resumed_from", killed[0].info.run_id)
     client.set_tag(ctx.run_id, "resumed_at_step", at)
     if points:

@@ -44,13 +44,21 @@ def make_task_runner(runner: RunnerParams) -> TaskRunner:
         # uses one thread (Dask's nanny sets OMP_NUM_THREADS=1), so N workers fill N cores.
         # Loopback only: the scheduler, workers and dashboard (Dask's default ":8787" is every
         # interface) listen on 127.0.0.1 (issue #16, 7); a busy 8787 falls back to a free port.
-        cluster = {"n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:8787"}
+        cluster = {
+            "n_workers": runner.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": LOOPBACK,
+            "dashboard_address": f"{LOOPBACK}:8787",
+        }
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
     if runner.type == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
-            raise ImportError(f"params.yaml runner.type: ray needs prefect-ray, which is not installed; run: {RAY_INSTALL}") from None
+            raise ImportError(
+                f"params.yaml runner.type: ray needs prefect-ray, which is not installed; run: {RAY_INSTALL}"
+            ) from None
         if runner.address:
             return RayTaskRunner(address=runner.address)
         return RayTaskRunner(init_kwargs={"num_cpus": runner.workers, "include_dashboard": False})

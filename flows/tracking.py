@@ -91,15 +91,24 @@ def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None)
 BENCH_EXPERIMENT = "realm-bench"
 
 
-def log_bench_run(bench: str, params: dict, metrics: list[Metric], files: list[Path], *, quick: bool, root: Path) -> str:
+def log_bench_run(
+    bench: str, params: dict, metrics: list[Metric], files: list[Path], *, quick: bool, root: Path
+) -> str:
     """One finished run of `bench/<bench>.py` in the "realm-bench" experiment: its params, its
     metrics (a step per point of a curve, so the chart view draws it) and its report files."""
     client = tracking_client()
     exp_id = ensure_experiment(client, root, BENCH_EXPERIMENT)
     commit = git_commit(root)
-    run = client.create_run(exp_id, run_name=f"{bench}{'-quick' if quick else ''}-{time.strftime('%m%d-%H%M')}",
-                            tags={"mlflow.source.git.commit": commit, "git.commit": commit,
-                                  "mlflow.source.name": f"bench/{bench}.py", "bench": bench})
+    run = client.create_run(
+        exp_id,
+        run_name=f"{bench}{'-quick' if quick else ''}-{time.strftime('%m%d-%H%M')}",
+        tags={
+            "mlflow.source.git.commit": commit,
+            "git.commit": commit,
+            "mlflow.source.name": f"bench/{bench}.py",
+            "bench": bench,
+        },
+    )
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
@@ -116,7 +125,9 @@ PIPELINE_WRITTEN = (":(exclude)dvc.lock", ":(exclude)metrics", ":(exclude,glob)*
 def git_commit(root: Path) -> str:
     """HEAD's commit, with "-dirty" when tracked code or params differ from it ("" outside git)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
         status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_WRITTEN]
         dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -259,8 +270,14 @@ def _add_peak_memory(ctx: StageContext) -> None:
     if total > MEMORY_BUDGET_MB:
         from tasks.training import run_logger
 
-        run_logger().warning("stage %s peaked at %.0f MB resident (%.0f MB itself + %.0f MB its largest child), over the %.0f MB budget",
-                             ctx.stage, total, memory["peak_rss_mb"], memory["peak_rss_children_mb"], MEMORY_BUDGET_MB)
+        run_logger().warning(
+            "stage %s peaked at %.0f MB resident (%.0f MB itself + %.0f MB its largest child), over the %.0f MB budget",
+            ctx.stage,
+            total,
+            memory["peak_rss_mb"],
+            memory["peak_rss_children_mb"],
+            MEMORY_BUDGET_MB,
+        )
 
 
 def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
@@ -277,7 +294,11 @@ def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params
         file = getattr(paths, name)
         if file.exists():
             digest = hashlib.md5(file.read_bytes()).hexdigest()
-            datasets.append(DatasetInput(Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", "input")]))
+            datasets.append(
+                DatasetInput(
+                    Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", "input")]
+                )
+            )
     if datasets:
         client.log_inputs(run_id, datasets=datasets)
 
@@ -287,7 +308,9 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
     _add_peak_memory(ctx)  # the stage's work, before the plot and the output hashing below
     metrics_file = paths.metrics(stage)
     write_json(metrics_file, ctx.final)
-    client.log_batch(ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()])
+    client.log_batch(
+        ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()]
+    )
     client.log_artifact(ctx.run_id, str(metrics_file))
     if ctx.recorder.rows:
         curve = paths.curve(stage)

@@ -40,6 +40,7 @@ from realm_core.paths import Paths
 from realm_core.precision import resolve_embed_precision
 from realm_core.sharding import Shard, embed_shard, merge_shards
 
+
 def _last(log: StepLogger, keys: list[str]) -> dict[str, float]:
     """The last logged value of each key (rank 0's StepRecorder; other ranks log nothing)."""
     last = getattr(log, "last", {})
@@ -53,10 +54,23 @@ def embed_index_across_ranks(params: Params, paths: Paths, index_dir: Path, meta
     tokenizer = load_tokenizer(backbone_dir(params.model.backbone))
     device = resolve_device(params.device)
     kernel = resolve_embed_precision(params.index.embed_precision, device)
-    mine = embed_shard(embedder, records, tokenizer, params.corpus.max_block_tokens, distributed.rank(), distributed.world_size(), device, params.pretrain.embed_batch_size, kernel)
+    mine = embed_shard(
+        embedder,
+        records,
+        tokenizer,
+        params.corpus.max_block_tokens,
+        distributed.rank(),
+        distributed.world_size(),
+        device,
+        params.pretrain.embed_batch_size,
+        kernel,
+    )
     vectors = torch.from_numpy(mine.embeddings.reshape(len(mine.ids), embedder.projection.out_features))
     gathered = zip(distributed.all_gather_rows(vectors), distributed.all_gather_rows(torch.from_numpy(mine.ids)))
-    shards = [Shard(r, mine.num_shards, mine.total, ids.numpy(), emb.numpy(), source=f"rank {r}") for r, (emb, ids) in enumerate(gathered)]
+    shards = [
+        Shard(r, mine.num_shards, mine.total, ids.numpy(), emb.numpy(), source=f"rank {r}")
+        for r, (emb, ids) in enumerate(gathered)
+    ]
     embeddings, ids = merge_shards(shards)
     provenance = [{"shard": s.index, "blocks": len(s.ids), "worker": f"torchrun rank {s.index}"} for s in shards]
     return DenseIndex(embeddings, ids).save(index_dir, meta={**meta, "shards": provenance, "embed_precision": kernel})
@@ -68,7 +82,13 @@ def _ict(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[str, 
     train_ict_task.fn(params, paths, out, log)
     warmup_mlm_head_task.fn(params, paths, out, log)
     reading = warmup_encoder_task.fn(params, paths, out, log)
-    return {**_last(log, ["ict_loss", "ict_accuracy", "mlm_loss", "mlm_accuracy", "encoder_warmup_loss", "encoder_warmup_accuracy"]), **reading}
+    return {
+        **_last(
+            log,
+            ["ict_loss", "ict_accuracy", "mlm_loss", "mlm_accuracy", "encoder_warmup_loss", "encoder_warmup_accuracy"],
+        ),
+        **reading,
+    }
 
 
 def _pretrain(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[str, float]:
@@ -85,17 +105,26 @@ def _finetune(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[
     return finetune_task.fn(params, paths, out, log)
 
 
-STAGE_TRAINING: dict[str, Callable[[Params, Paths, Path, StepLogger], dict[str, float]]] = {"ict": _ict, "pretrain": _pretrain, "finetune": _finetune}
+STAGE_TRAINING: dict[str, Callable[[Params, Paths, Path, StepLogger], dict[str, float]]] = {
+    "ict": _ict,
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+}
 
 
 def train_stage(stage: str, root: Path | None = None) -> dict[str, float]:
     """Run `stage`'s training on this rank; rank 0 tracks it and writes the outputs. Returns rank 0's final metrics."""
     if stage not in STAGE_TRAINING:
-        raise ValueError(f"realm train runs the training stages {', '.join(STAGE_TRAINING)}; got {stage!r} (use `realm stage {stage}`)")
+        raise ValueError(
+            f"realm train runs the training stages {', '.join(STAGE_TRAINING)}; got {stage!r} (use `realm stage {stage}`)"
+        )
     root = project_root(root)
     params = load_params(root / "params.yaml")
     distributed.setup(params.device)
-    logging.basicConfig(level=logging.INFO if distributed.is_master() else logging.WARNING, format=f"%(asctime)s rank {distributed.rank()} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if distributed.is_master() else logging.WARNING,
+        format=f"%(asctime)s rank {distributed.rank()} %(name)s: %(message)s",
+    )
     try:
         if distributed.is_master():
             from flows.tracking import stage_run

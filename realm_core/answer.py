@@ -24,7 +24,15 @@ from realm_core.config import IndexParams, Params, load_params
 from realm_core.finetune import OpenQA
 from realm_core.index import DenseIndex
 from realm_core.io import InputError
-from realm_core.modeling import Embedder, SpanReader, backbone_dir, load_embedder, load_reader, load_tokenizer, resolve_device
+from realm_core.modeling import (
+    Embedder,
+    SpanReader,
+    backbone_dir,
+    load_embedder,
+    load_reader,
+    load_tokenizer,
+    resolve_device,
+)
 from realm_core.paths import Paths
 
 MAKE_IT = "run `realm run` to create it (the pipeline's corpus and finetune stages write data/)"
@@ -67,9 +75,11 @@ def _softmax(scores: list[float]) -> list[float]:
 def check_question(question: str, top_k: int = 5, reader_top_k: int = 4) -> None:
     """The checks on a question that need no model: run before loading one (seconds saved on a typo)."""
     if not question.strip():
-        raise InputError("the question is empty; ask a question, e.g. realm ask \"who wrote hamlet?\"")
+        raise InputError('the question is empty; ask a question, e.g. realm ask "who wrote hamlet?"')
     if len(question) > MAX_QUESTION_CHARS:
-        raise InputError(f"the question has {len(question):,} characters, more than {MAX_QUESTION_CHARS:,}; ask a shorter question")
+        raise InputError(
+            f"the question has {len(question):,} characters, more than {MAX_QUESTION_CHARS:,}; ask a shorter question"
+        )
     if top_k < 1 or reader_top_k < 1:
         raise InputError(f"top_k and reader_top_k must be >= 1, got {top_k} and {reader_top_k}")
 
@@ -83,7 +93,9 @@ def answer_question(model: OpenQA, question: str, top_k: int = 5, reader_top_k: 
     """
     check_question(question, top_k, reader_top_k)
     (pred,) = model.predict([question], reader_top_k=reader_top_k, retrieve_k=top_k)
-    shown = top_k if int(pred["block"]) in pred["retrieved"][:top_k] else pred["retrieved"].index(int(pred["block"])) + 1
+    shown = (
+        top_k if int(pred["block"]) in pred["retrieved"][:top_k] else pred["retrieved"].index(int(pred["block"])) + 1
+    )
     ranks = [*range(min(top_k, shown)), *([shown - 1] if shown > top_k else [])]  # the top_k, then the answer's block
     ids, scores = [pred["retrieved"][r] for r in ranks], [pred["retrieval_scores"][r] for r in ranks]
     blocks = model.store.blocks
@@ -137,7 +149,13 @@ def load_finetuned(params: Params, paths: Paths) -> OpenQA:
     for needed in (paths.finetune / "query", paths.finetune / "reader", paths.finetune / "index", paths.blocks):
         if not needed.exists():
             raise InputError(f"{needed}: not found; {MAKE_IT}")
-    return load_open_qa(params, paths, load_embedder(paths.finetune / "query"), load_reader(paths.finetune / "reader"), paths.finetune / "index")
+    return load_open_qa(
+        params,
+        paths,
+        load_embedder(paths.finetune / "query"),
+        load_reader(paths.finetune / "reader"),
+        paths.finetune / "index",
+    )
 
 
 class Answerer:

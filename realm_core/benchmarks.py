@@ -77,7 +77,9 @@ def _squad_json(path: Path) -> Any:
     except zipfile.BadZipFile:
         raise InputError(f"{path}: not a valid zip file; re-download the SQuAD release") from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+        raise InputError(
+            f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
@@ -100,23 +102,36 @@ def read_squad(path: str | Path, id_prefix: str = "squad-dev") -> tuple[list[Pas
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     doc = _squad_json(path)
-    articles = _expect(doc.get("data") if isinstance(doc, dict) else None, list, f"{path}", 'a top-level {"data": [...]} list')
+    articles = _expect(
+        doc.get("data") if isinstance(doc, dict) else None, list, f"{path}", 'a top-level {"data": [...]} list'
+    )
     passages: list[Passage] = []
     questions: list[QAExample] = []
     for a, article in enumerate(articles):
         where = f"{path}: data[{a}]"
         _expect(article, dict, where, "an article object")
         title = _expect(article.get("title"), str, f"{where}.title", "a title string").replace("_", " ").strip()
-        for p, paragraph in enumerate(_expect(article.get("paragraphs"), list, f"{where}.paragraphs", "a list of paragraphs")):
+        for p, paragraph in enumerate(
+            _expect(article.get("paragraphs"), list, f"{where}.paragraphs", "a list of paragraphs")
+        ):
             pw = f"{where}.paragraphs[{p}]"
             _expect(paragraph, dict, pw, "a paragraph object")
             pid = f"{id_prefix}-{a:02d}-{p:03d}"
-            passages.append(Passage(pid, title, _expect(paragraph.get("context"), str, f"{pw}.context", "a non-empty context string")))
+            passages.append(
+                Passage(
+                    pid, title, _expect(paragraph.get("context"), str, f"{pw}.context", "a non-empty context string")
+                )
+            )
             for q, qa in enumerate(_expect(paragraph.get("qas"), list, f"{pw}.qas", "a list of questions")):
                 qw = f"{pw}.qas[{q}]"
                 _expect(qa, dict, qw, "a question object")
                 question = _expect(qa.get("question"), str, f"{qw}.question", "a non-empty question string").strip()
-                raw = _expect(qa.get("answers"), list, f"{qw}.answers", "a list of answers (SQuAD 2.0 unanswerable questions are not supported)")
+                raw = _expect(
+                    qa.get("answers"),
+                    list,
+                    f"{qw}.answers",
+                    "a list of answers (SQuAD 2.0 unanswerable questions are not supported)",
+                )
                 texts = [ans.get("text") if isinstance(ans, dict) else ans for ans in raw]
                 answers = check_answers(texts, qw, "answers[].text", regex=False)
                 questions.append(QAExample(question, answers, False, (pid,), str(qa.get("id", ""))))
@@ -136,11 +151,17 @@ def read_pyserini_corpus(path: str | Path) -> list[Passage]:
         where = f"{path}:{lineno}"
         pid, contents = row.get("id"), row.get("contents")
         if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
-            raise InputError(f'{where}: missing or bad "id" ({pid!r:.40}); every line must be {{"id": str, "contents": str}}')
+            raise InputError(
+                f'{where}: missing or bad "id" ({pid!r:.40}); every line must be {{"id": str, "contents": str}}'
+            )
         if not isinstance(contents, str) or not contents.strip():
-            raise InputError(f'{where}: "contents" must be a non-empty string; every line must be {{"id": str, "contents": str}}')
+            raise InputError(
+                f'{where}: "contents" must be a non-empty string; every line must be {{"id": str, "contents": str}}'
+            )
         if str(pid) in seen:
-            raise InputError(f"{where}: duplicate passage id {str(pid)!r} (first seen on line {seen[str(pid)]}); ids must be unique")
+            raise InputError(
+                f"{where}: duplicate passage id {str(pid)!r} (first seen on line {seen[str(pid)]}); ids must be unique"
+            )
         seen[str(pid)] = lineno
         first, newline, rest = contents.partition("\n")
         title, text = (first.strip().strip('"'), rest) if newline and rest.strip() else ("", contents)
@@ -157,8 +178,12 @@ SQUAD_SPLIT_SEED = 0  # the article split is fixed: it must never move with a ru
 # DPR's NQ "dev" is carved from NQ *train* (NQ-open dev, the papers' NQ test, stays out);
 # CuratedTREC's train answers are regexes, which cannot locate a training span, so it stays out.
 TRAINING_FILES = ("nq_open/dpr_nq_dev.jsonl", "webquestions/drqa_WebQuestions-train.txt")
-EVALUATION_FILES = (*(name for name, _ in VITAL_LINKED.values()), "nq_open/NQ-open.dev.jsonl", "webquestions/dpr_wq_test.jsonl",
-                    "curatedtrec/dpr_curated_test.jsonl")
+EVALUATION_FILES = (
+    *(name for name, _ in VITAL_LINKED.values()),
+    "nq_open/NQ-open.dev.jsonl",
+    "webquestions/dpr_wq_test.jsonl",
+    "curatedtrec/dpr_curated_test.jsonl",
+)
 
 
 def squad_article(question: QAExample) -> str:
@@ -189,7 +214,9 @@ def training_questions(data_dir: Path) -> tuple[list[QAExample], dict[str, int]]
     SQuAD dev train half, minus any question whose text is in an evaluation set (the vital-linked
     sets draw on SQuAD dev too); with the count from each source."""
     data_dir = Path(data_dir)
-    held = {_question_key(q.question) for name in EVALUATION_FILES for q in read_questions(data_dir / name)}  # only their texts matter
+    held = {
+        _question_key(q.question) for name in EVALUATION_FILES for q in read_questions(data_dir / name)
+    }  # only their texts matter
     _, squad = read_squad(data_dir / SQUAD_ZIP)
     held |= {_question_key(q.question) for q in squad_article_half(squad, "test")}
     sources = {name: read_questions(data_dir / name) for name in TRAINING_FILES}
@@ -211,7 +238,9 @@ def with_distractors(passages: Sequence[Passage], keep: set[str], total: int, se
     (more if `keep` alone is larger), in corpus order."""
     unknown = keep - {p.id for p in passages}
     if unknown:
-        raise InputError(f"gold passage ids not in the corpus: {sorted(unknown)[:5]}; the question and passage files do not belong together")
+        raise InputError(
+            f"gold passage ids not in the corpus: {sorted(unknown)[:5]}; the question and passage files do not belong together"
+        )
     others = [i for i, p in enumerate(passages) if p.id not in keep]
     picked = set(random.Random(seed).sample(others, max(0, min(len(others), total - len(keep)))))
     return [p for i, p in enumerate(passages) if p.id in keep or i in picked]
@@ -229,16 +258,22 @@ class BlockCorpus:
     @classmethod
     def load(cls, blocks: Path) -> "BlockCorpus":
         rows = [row for _, row in read_jsonl(blocks)]
-        return cls([Passage(str(row["id"]), row["title"], row["text"]) for row in rows],
-                   {str(row.get("passage_id", row["title"])): row["title"] for row in rows})
+        return cls(
+            [Passage(str(row["id"]), row["title"], row["text"]) for row in rows],
+            {str(row.get("passage_id", row["title"])): row["title"] for row in rows},
+        )
 
-    def benchmark(self, name: str, questions: Sequence[QAExample], sources: list[str], articles: Sequence[Sequence[str]]) -> Benchmark:
+    def benchmark(
+        self, name: str, questions: Sequence[QAExample], sources: list[str], articles: Sequence[Sequence[str]]
+    ) -> Benchmark:
         """`questions` over these blocks; the gold passages of question i: every block of `articles[i]`."""
         by_title: dict[str, list[str]] = {}
         for p in self.passages:
             by_title.setdefault(p.title, []).append(p.id)
-        out = [QAExample(q.question, q.answers, q.regex, tuple(b for t in titles for b in by_title.get(t, ())), q.id)
-               for q, titles in zip(questions, articles)]
+        out = [
+            QAExample(q.question, q.answers, q.regex, tuple(b for t in titles for b in by_title.get(t, ())), q.id)
+            for q, titles in zip(questions, articles)
+        ]
         return Benchmark(name, self.passages, out, sources)
 
 
@@ -255,7 +290,9 @@ def cloze(blocks: "Path | BlockCorpus", questions: Path, max_questions: int | No
     for q in loaded:
         # the trailing "(title)"; a title may hold parentheses itself ("Mercury (planet)")
         opens = [i for i, c in enumerate(q.question) if c == "("] if q.question.endswith(")") else []
-        articles.append([next((q.question[i + 1 : -1] for i in reversed(opens) if q.question[i + 1 : -1] in titles), "")])
+        articles.append(
+            [next((q.question[i + 1 : -1] for i in reversed(opens) if q.question[i + 1 : -1] in titles), "")]
+        )
     return corpus.benchmark("cloze", loaded, ["cloze"] * len(loaded), articles)
 
 
@@ -265,8 +302,15 @@ def vital_titles(data_dir: Path) -> dict[str, str]:
     return {p.id: p.title for p in read_jsonl_corpus(Path(data_dir) / VITAL_PASSAGES)}
 
 
-def question_file(path: Path, corpus: BlockCorpus, *, regex: bool = False, aliases: dict[str, str] | None = None,
-                  name: str | None = None, sources: list[str] | None = None) -> Benchmark:
+def question_file(
+    path: Path,
+    corpus: BlockCorpus,
+    *,
+    regex: bool = False,
+    aliases: dict[str, str] | None = None,
+    name: str | None = None,
+    sources: list[str] | None = None,
+) -> Benchmark:
     """Any question file (questions.read_questions' formats) over the pipeline's blocks. A linked
     question's gold passages are the blocks of the articles its `linked_passage_ids` (or
     `gold_passage_id`) name: ids of the corpus's own passages, or ids `aliases` maps to a title
@@ -278,18 +322,24 @@ def question_file(path: Path, corpus: BlockCorpus, *, regex: bool = False, alias
     for q in loaded:
         unknown = [g for g in q.gold_ids if g not in known]
         if unknown:
-            raise InputError(f"{path}: question {q.question!r:.60} links passage ids {unknown[:3]} that are not in the corpus "
-                             f"(data/corpus/blocks.jsonl passage_id); link the corpus's own passage ids")
+            raise InputError(
+                f"{path}: question {q.question!r:.60} links passage ids {unknown[:3]} that are not in the corpus "
+                f"(data/corpus/blocks.jsonl passage_id); link the corpus's own passage ids"
+            )
         articles.append([known[g] for g in q.gold_ids])
     return corpus.benchmark(name or path.stem, loaded, sources or [path.stem] * len(loaded), articles)
 
 
-def vital_linked_blocks(data_dir: Path, corpus: BlockCorpus, max_questions: int | None = None, seed: int = 0) -> Benchmark | None:
+def vital_linked_blocks(
+    data_dir: Path, corpus: BlockCorpus, max_questions: int | None = None, seed: int = 0
+) -> Benchmark | None:
     """The vital-linked questions over the pipeline's own blocks, when they hold every linked article
     (the full vital corpus does; a sample does not: None, and vital_linked's own corpus serves)."""
     data_dir = Path(data_dir)
     aliases = vital_titles(data_dir)
-    parts = [question_file(data_dir / name, corpus, regex=regex, aliases=aliases) for name, regex in VITAL_LINKED.values()]
+    parts = [
+        question_file(data_dir / name, corpus, regex=regex, aliases=aliases) for name, regex in VITAL_LINKED.values()
+    ]
     questions = [q for part in parts for q in part.questions]
     sources = [tag for tag, part in zip(VITAL_LINKED, parts) for _ in part.questions]
     if any(not q.gold_ids for q in questions):
@@ -300,7 +350,13 @@ def vital_linked_blocks(data_dir: Path, corpus: BlockCorpus, max_questions: int 
     return Benchmark("vital_linked", corpus.passages, questions, sources)
 
 
-def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: int | None = None, seed: int = 0, half: str | None = None) -> Benchmark:
+def squad_open(
+    data_dir: Path,
+    max_questions: int | None = None,
+    max_passages: int | None = None,
+    seed: int = 0,
+    half: str | None = None,
+) -> Benchmark:
     """SQuAD-open from the original SQuAD v1.1 dev release; optionally only one `half` of its
     articles (squad_article_half: "test" when the reader trained on the other), and a seeded subset
     of the questions over their gold paragraphs plus random others up to `max_passages` (quick runs).
@@ -315,7 +371,9 @@ def squad_open(data_dir: Path, max_questions: int | None = None, max_passages: i
     return Benchmark("squad_open", passages, questions, ["squad"] * len(questions))
 
 
-def vital_linked(data_dir: Path, total_passages: int = 2000, seed: int = 0, max_questions: int | None = None) -> Benchmark:
+def vital_linked(
+    data_dir: Path, total_passages: int = 2000, seed: int = 0, max_questions: int | None = None
+) -> Benchmark:
     """The vital-linked questions (NQ, WQ, CuratedTREC as regexes, SQuAD) over their linked
     passages plus a seeded random sample of other vital passages, `total_passages` in all."""
     data_dir = Path(data_dir)
@@ -330,7 +388,9 @@ def vital_linked(data_dir: Path, total_passages: int = 2000, seed: int = 0, max_
         questions, sources = [questions[i] for i in keep], [sources[i] for i in keep]
     for q, tag in zip(questions, sources):
         if not q.gold_ids:
-            raise InputError(f"{data_dir / VITAL_LINKED[tag][0]}: question {q.question!r} has no linked_passage_ids; every linked question needs them")
+            raise InputError(
+                f"{data_dir / VITAL_LINKED[tag][0]}: question {q.question!r} has no linked_passage_ids; every linked question needs them"
+            )
     corpus = read_jsonl_corpus(data_dir / VITAL_PASSAGES)
     passages = with_distractors(corpus, {g for q in questions for g in q.gold_ids}, total_passages, seed)
     return Benchmark("vital_linked", passages, questions, sources)

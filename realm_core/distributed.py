@@ -96,7 +96,9 @@ def barrier() -> None:
 
 def _comm_device() -> torch.device:
     """Where collectives want their tensors: the GPU under nccl, else the CPU."""
-    return torch.device("cuda", local_rank()) if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", local_rank()) if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
+    )
 
 
 # ---------------------------------------------------------------------------- splitting the global batch
@@ -108,7 +110,9 @@ def global_batch_size(requested: int, available: int) -> int:
     w = world_size()
     n = min(requested, available)
     if n < w:
-        raise ValueError(f"a global batch of {n} cannot be split over {w} processes; raise the batch size or use fewer processes")
+        raise ValueError(
+            f"a global batch of {n} cannot be split over {w} processes; raise the batch size or use fewer processes"
+        )
     return n - n % w
 
 
@@ -192,7 +196,9 @@ def average(metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """The mean over ranks of each logged scalar (one all_reduce): with equal slices, the global
     batch's mean. Every rank must call it with the same keys in the same order; returns floats."""
     keys = list(metrics)
-    values = torch.tensor([float(v.detach()) if torch.is_tensor(v) else float(v) for v in (metrics[k] for k in keys)], dtype=torch.float64)
+    values = torch.tensor(
+        [float(v.detach()) if torch.is_tensor(v) else float(v) for v in (metrics[k] for k in keys)], dtype=torch.float64
+    )
     if is_distributed() and keys:
         values = values.to(_comm_device())
         dist.all_reduce(values)
@@ -238,4 +244,6 @@ def data_parallel(fn: Callable[..., T], *modules: nn.Module) -> Callable[..., T]
 
     module = _LossStep(fn, modules)
     cuda = next(module.parameters()).is_cuda
-    return DistributedDataParallel(module, device_ids=[local_rank()] if cuda else None, forward_sync_buffers=False, static_graph=True)
+    return DistributedDataParallel(
+        module, device_ids=[local_rank()] if cuda else None, forward_sync_buffers=False, static_graph=True
+    )

@@ -28,7 +28,9 @@ def hits_table(store: BlockStore, rankings: list[list[int]], questions: list[Que
     return [[has_answer(store.blocks[z].text, q.answers) for z in ranking] for ranking, q in zip(rankings, questions)]
 
 
-def evaluate_open_qa(model: OpenQA, questions: list[Question], *, recall_at: list[int], top_k: int, batch_size: int = 16) -> tuple[dict[str, float], list[dict]]:
+def evaluate_open_qa(
+    model: OpenQA, questions: list[Question], *, recall_at: list[int], top_k: int, batch_size: int = 16
+) -> tuple[dict[str, float], list[dict]]:
     """Metrics for the fine-tuned retriever + reader and for BM25; also the per-question predictions."""
     if not questions:
         raise ValueError("no evaluation questions")
@@ -39,27 +41,53 @@ def evaluate_open_qa(model: OpenQA, questions: list[Question], *, recall_at: lis
         for q, p in zip(chunk, model.predict([c.question for c in chunk], top_k, depth)):
             p.update(question=q.question, answers=q.answers, em=exact_match(p["answer"], q.answers))
             predictions.append(p)
-    metrics = {"exact_match": 100.0 * sum(p["em"] for p in predictions) / len(predictions), "questions": float(len(questions))}
+    metrics = {
+        "exact_match": 100.0 * sum(p["em"] for p in predictions) / len(predictions),
+        "questions": float(len(questions)),
+    }
     realm_hits = hits_table(model.store, [p["retrieved"][:depth] for p in predictions], questions)
     metrics.update({f"realm_{k}": 100.0 * v for k, v in recall_at_k(realm_hits, recall_at).items()})
     docs = [f"{b.title} {b.text}" for b in model.store.blocks]
     bm25 = bm25_retrieve(docs, [_query_text(q.question) for q in questions], depth)
-    metrics.update({f"bm25_{k}": 100.0 * v for k, v in recall_at_k(hits_table(model.store, bm25, questions), recall_at).items()})
+    metrics.update(
+        {f"bm25_{k}": 100.0 * v for k, v in recall_at_k(hits_table(model.store, bm25, questions), recall_at).items()}
+    )
     for p, ranking in zip(predictions, bm25):
         p["bm25_retrieved"] = ranking
     return metrics, predictions
 
 
-def retriever_recall(model: OpenQA, questions: list[Question], *, recall_at: list[int], batch_size: int = 16) -> dict[str, float]:
+def retriever_recall(
+    model: OpenQA, questions: list[Question], *, recall_at: list[int], batch_size: int = 16
+) -> dict[str, float]:
     """Recall@k of the model's query embedder over its index, without the reader.
 
     With the pre-trained query embedder and the index of the pre-trained document embedder this
     is the zero-shot retrieval recall of REALM's Table 2 (no fine-tuning involved).
     """
-    return dense_recall(model.query, model.store, model.index, questions, recall_at=recall_at, max_query_tokens=model.max_query_tokens, device=model.device, batch_size=batch_size)
+    return dense_recall(
+        model.query,
+        model.store,
+        model.index,
+        questions,
+        recall_at=recall_at,
+        max_query_tokens=model.max_query_tokens,
+        device=model.device,
+        batch_size=batch_size,
+    )
 
 
-def dense_recall(query: Embedder, store: BlockStore, index: DenseIndex, questions: list[Question], *, recall_at: list[int], max_query_tokens: int, device: torch.device, batch_size: int = 16) -> dict[str, float]:
+def dense_recall(
+    query: Embedder,
+    store: BlockStore,
+    index: DenseIndex,
+    questions: list[Question],
+    *,
+    recall_at: list[int],
+    max_query_tokens: int,
+    device: torch.device,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Recall@k (in %) of `query` over `index` (dropout off, the embedder's mode restored)."""
     depth = max(recall_at)
     was_training = query.training
@@ -68,7 +96,9 @@ def dense_recall(query: Embedder, store: BlockStore, index: DenseIndex, question
     with torch.no_grad():
         for start in range(0, len(questions), batch_size):
             ids = [store.query_ids(q.question, max_query_tokens) for q in questions[start : start + batch_size]]
-            _, found = index.search(query(**query_batch(store, ids, device)).float().cpu().numpy(), min(depth, len(index)))
+            _, found = index.search(
+                query(**query_batch(store, ids, device)).float().cpu().numpy(), min(depth, len(index))
+            )
             rankings += found.tolist()
     query.train(was_training)
     return {k: 100.0 * v for k, v in recall_at_k(hits_table(store, rankings, questions), recall_at).items()}

@@ -45,10 +45,16 @@ class ReaderBatch:
 
 def enumerate_spans(body_start: int, body_len: int, max_span: int) -> list[tuple[int, int]]:
     """All spans of at most `max_span` wordpieces inside the block body (sequence positions, inclusive)."""
-    return [(s, e) for s in range(body_start, body_start + body_len) for e in range(s, min(s + max_span, body_start + body_len))]
+    return [
+        (s, e)
+        for s in range(body_start, body_start + body_len)
+        for e in range(s, min(s + max_span, body_start + body_len))
+    ]
 
 
-def reader_batch(store: BlockStore, query_ids: list[list[int]], block_ids: np.ndarray, max_span: int, device: torch.device) -> ReaderBatch:
+def reader_batch(
+    store: BlockStore, query_ids: list[list[int]], block_ids: np.ndarray, max_span: int, device: torch.device
+) -> ReaderBatch:
     seqs, segs, body_starts, spans = [], [], [], []
     for q, row in zip(query_ids, block_ids):
         for z in row.tolist():
@@ -70,7 +76,9 @@ def reader_batch(store: BlockStore, query_ids: list[list[int]], block_ids: np.nd
     return ReaderBatch(inputs, starts.to(device), ends.to(device), valid.to(device), body_starts)
 
 
-def correct_spans(store: BlockStore, batch: ReaderBatch, block_ids: np.ndarray, answers: list[list[str]], max_span: int) -> torch.Tensor:
+def correct_spans(
+    store: BlockStore, batch: ReaderBatch, block_ids: np.ndarray, answers: list[list[str]], max_span: int
+) -> torch.Tensor:
     """[B*k, S] True where the span's wordpieces equal an answer's wordpieces (ORQA's match rule)."""
     tok = store.tokenizer
     correct = torch.zeros_like(batch.valid)
@@ -79,7 +87,10 @@ def correct_spans(store: BlockStore, batch: ReaderBatch, block_ids: np.ndarray, 
     starts, ends = batch.starts.cpu(), batch.ends.cpu()
     for i, (z, ans) in enumerate(zip(flat_blocks, per_seq_answers)):
         answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in ans]
-        hits = {(s + batch.body_start[i], e + batch.body_start[i]) for s, e in answer_spans(store.body_ids[z][: store.max_block_tokens], answer_ids, max_span)}
+        hits = {
+            (s + batch.body_start[i], e + batch.body_start[i])
+            for s, e in answer_spans(store.body_ids[z][: store.max_block_tokens], answer_ids, max_span)
+        }
         if hits:
             for j in range(starts.size(1)):
                 if (int(starts[i, j]), int(ends[i, j])) in hits:
@@ -90,7 +101,17 @@ def correct_spans(store: BlockStore, batch: ReaderBatch, block_ids: np.ndarray, 
 class OpenQA:
     """Query embedder + span reader over a frozen index of block embeddings."""
 
-    def __init__(self, query: Embedder, reader: SpanReader, store: BlockStore, index: DenseIndex, *, device: torch.device, max_query_tokens: int, max_span: int):
+    def __init__(
+        self,
+        query: Embedder,
+        reader: SpanReader,
+        store: BlockStore,
+        index: DenseIndex,
+        *,
+        device: torch.device,
+        max_query_tokens: int,
+        max_span: int,
+    ):
         self.query, self.reader, self.store, self.index = query.to(device), reader.to(device), store, index
         self.device, self.max_query_tokens, self.max_span = device, max_query_tokens, max_span
         self.block_embeddings = torch.from_numpy(index.embeddings)  # [N, d], frozen
@@ -105,14 +126,19 @@ class OpenQA:
 
     def losses(self, batch: list[Question], retriever_top_k: int, reader_top_k: int) -> dict[str, torch.Tensor]:
         q_ids, logits, ids = self.retrieve([q.question for q in batch], retriever_top_k)
-        has = torch.tensor([[has_answer(self.store.blocks[z].text, q.answers) for z in row] for q, row in zip(batch, ids.tolist())], device=self.device)
+        has = torch.tensor(
+            [[has_answer(self.store.blocks[z].text, q.answers) for z in row] for q, row in zip(batch, ids.tolist())],
+            device=self.device,
+        )
         retriever_loss = marginal_over_correct(logits, has)
         k = min(reader_top_k, ids.shape[1])
         rb = reader_batch(self.store, q_ids, ids[:, :k], self.max_span, self.device)
         span_logits = self.reader.span_logits(**rb.inputs, starts=rb.starts, ends=rb.ends)  # [B*k, S]
         span_logits = span_logits.view(len(batch), k, -1) + logits[:, :k, None]
         correct = correct_spans(self.store, rb, ids[:, :k], [q.answers for q in batch], self.max_span)
-        reader_loss = marginal_over_correct(span_logits, correct.view(len(batch), k, -1), rb.valid.view(len(batch), k, -1))
+        reader_loss = marginal_over_correct(
+            span_logits, correct.view(len(batch), k, -1), rb.valid.view(len(batch), k, -1)
+        )
         return {
             "loss": retriever_loss + reader_loss,
             "retriever_loss": retriever_loss,
@@ -128,7 +154,9 @@ class OpenQA:
         q_ids, logits, ids = self.retrieve(questions, max(retrieve_k, reader_top_k))
         k = min(reader_top_k, ids.shape[1])
         rb = reader_batch(self.store, q_ids, ids[:, :k], self.max_span, self.device)
-        span_logits = self.reader.span_logits(**rb.inputs, starts=rb.starts, ends=rb.ends).masked_fill(~rb.valid, float("-inf"))
+        span_logits = self.reader.span_logits(**rb.inputs, starts=rb.starts, ends=rb.ends).masked_fill(
+            ~rb.valid, float("-inf")
+        )
         scores = span_logits.view(len(questions), k, -1) + logits[:, :k, None]
         out = []
         for b in range(len(questions)):
@@ -139,7 +167,15 @@ class OpenQA:
             start, end = int(rb.starts[seq, s]) - rb.body_start[seq], int(rb.ends[seq, s]) - rb.body_start[seq]
             offsets = self.store.body_offsets[block]
             text = self.store.blocks[block].text[offsets[start][0] : offsets[end][1]]
-            out.append({"answer": text, "score": float(scores[b].reshape(-1)[flat]), "block": block, "retrieved": ids[b].tolist(), "retrieval_scores": logits[b].tolist()})
+            out.append(
+                {
+                    "answer": text,
+                    "score": float(scores[b].reshape(-1)[flat]),
+                    "block": block,
+                    "retrieved": ids[b].tolist(),
+                    "retrieval_scores": logits[b].tolist(),
+                }
+            )
         return out
 
 
@@ -174,9 +210,13 @@ def finetune(
     start = checkpoint.restore(state) if checkpoint else 0
     history: list[dict[str, float]] = list(checkpoint.extra.get("history", [])) if start else []
     batch_size = distributed.global_batch_size(batch_size, len(questions))
-    loss_fn = distributed.data_parallel(lambda batch: model.losses(batch, retriever_top_k, reader_top_k), model.query, model.reader)
+    loss_fn = distributed.data_parallel(
+        lambda batch: model.losses(batch, retriever_top_k, reader_top_k), model.query, model.reader
+    )
     log = distributed.master_only(log)
-    for step in trange(start, steps, desc="finetune", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+    for step in trange(
+        start, steps, desc="finetune", unit="step", mininterval=2.0, disable=not distributed.is_master()
+    ):
         out = loss_fn(distributed.shard(rng.sample(questions, batch_size)))
         opt.zero_grad()
         out["loss"].backward()

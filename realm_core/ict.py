@@ -36,7 +36,9 @@ class IctExample:
     removed: bool
 
 
-def ict_example(store: BlockStore, block_id: int, rng: random.Random, remove_prob: float, max_query_tokens: int) -> IctExample:
+def ict_example(
+    store: BlockStore, block_id: int, rng: random.Random, remove_prob: float, max_query_tokens: int
+) -> IctExample:
     """One pseudo-query / evidence pair from a block with at least two sentences."""
     tok = store.tokenizer
     start, end = rng.choice(store.blocks[block_id].sentences)
@@ -52,7 +54,9 @@ def ict_candidates(store: BlockStore) -> list[int]:
     return [b.id for b in store.blocks if len(b.sentences) >= 2]
 
 
-def ict_logits(retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def ict_logits(
+    retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of this rank's queries against the contexts of the whole global batch, and the labels.
 
     `examples` is this process's slice of the global batch (all of it in one process). The
@@ -60,13 +64,19 @@ def ict_logits(retriever: Retriever, examples: list[IctExample], store: BlockSto
     across TPU cores, so each query is scored against all global candidates: [b, B].
     """
     q = retriever.query(**query_batch(store, [e.query for e in examples], device))  # [b, d]
-    d = retriever.doc(**pad_batch([e.context for e in examples], [e.context_segments for e in examples], store.tokenizer.pad_token_id, device))  # [b, d]
+    d = retriever.doc(
+        **pad_batch(
+            [e.context for e in examples], [e.context_segments for e in examples], store.tokenizer.pad_token_id, device
+        )
+    )  # [b, d]
     logits = q @ distributed.all_gather(d).T  # [b, B]; query i's positive is global context rank*b + i
     labels = torch.arange(len(examples), device=device) + distributed.rank() * len(examples)
     return logits, labels
 
 
-def ict_loss(retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def ict_loss(
+    retriever: Retriever, examples: list[IctExample], store: BlockStore, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each query against all contexts of the (global) batch; returns (loss, accuracy)."""
     logits, labels = ict_logits(retriever, examples, store, device)
     return F.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
@@ -110,13 +120,23 @@ def train_ict(
         opt.zero_grad()
         loss.backward()
         norms = opt.step()
-        log(distributed.average({"ict_loss": loss, "ict_accuracy": acc, **{f"ict_{k}": v for k, v in norms.items()}}), step)
+        log(
+            distributed.average({"ict_loss": loss, "ict_accuracy": acc, **{f"ict_{k}": v for k, v in norms.items()}}),
+            step,
+        )
         if checkpoint:
             checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
     return retriever
 
 
-def mask_tokens(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int, generator: torch.Generator, prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    ids: torch.Tensor,
+    special: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking (15%; 80% [MASK], 10% random, 10% kept); labels are -100 elsewhere."""
     chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~special
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
@@ -160,13 +180,22 @@ def warmup_mlm_head(
     batch_size = distributed.global_batch_size(batch_size, len(store))
     loss_fn = distributed.data_parallel(lambda *batch: _masked_lm_loss(encoder, *batch), encoder)
     log = distributed.master_only(log)
-    for step in trange(start, steps, desc="mlm head warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+    for step in trange(
+        start, steps, desc="mlm head warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()
+    ):
         batch = doc_batch(store, rng.sample(range(len(store)), batch_size), torch.device("cpu"))
-        special = (batch["input_ids"] == tok.cls_token_id) | (batch["input_ids"] == tok.sep_token_id) | (batch["attention_mask"] == 0)
+        special = (
+            (batch["input_ids"] == tok.cls_token_id)
+            | (batch["input_ids"] == tok.sep_token_id)
+            | (batch["attention_mask"] == 0)
+        )
         masked, labels = mask_tokens(batch["input_ids"], special, tok.mask_token_id, encoder.mlm.config.vocab_size, gen)
         total = int((labels != -100).sum())  # masked tokens of the global batch
         rows = distributed.shard(range(batch_size))
-        local = [t[rows[0] : rows[-1] + 1].to(device) for t in (masked, batch["attention_mask"], batch["token_type_ids"], labels)]
+        local = [
+            t[rows[0] : rows[-1] + 1].to(device)
+            for t in (masked, batch["attention_mask"], batch["token_type_ids"], labels)
+        ]
         loss_sum, correct = loss_fn(*local)
         per_token = distributed.world_size() / max(1, total)  # DDP averages over ranks: W * local sum / global count
         loss = loss_sum * per_token
@@ -180,10 +209,18 @@ def warmup_mlm_head(
     return encoder
 
 
-def _masked_lm_loss(encoder: KnowledgeAugmentedEncoder, masked: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_lm_loss(
+    encoder: KnowledgeAugmentedEncoder,
+    masked: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed MLM cross-entropy and number of correct predictions over the masked tokens (frozen backbone)."""
     with torch.no_grad():
-        hidden = encoder.bert(input_ids=masked, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        hidden = encoder.bert(
+            input_ids=masked, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
     rows = labels != -100
     logits = encoder.mlm.cls(hidden[rows])  # [masked tokens, V]
     return F.cross_entropy(logits, labels[rows], reduction="sum"), (logits.argmax(-1) == labels[rows]).sum().float()

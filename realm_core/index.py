@@ -50,7 +50,10 @@ from realm_core.io import atomic_dir, write_json
 FORMAT_VERSION = 1
 FILES = ("index.faiss", "ids.npy", "embeddings.npy", "index.json")
 FAISS_TYPES: dict[str, type] = {"flat": faiss.IndexFlatIP, "hnsw": faiss.IndexHNSWFlat, "ivf_pq": faiss.IndexIVFPQ}
-BUILD_KNOBS = {"hnsw": ("m", "ef_construction"), "ivf_pq": ("nlist", "m", "nbits", "train_size")}  # a change needs a rebuild
+BUILD_KNOBS = {
+    "hnsw": ("m", "ef_construction"),
+    "ivf_pq": ("nlist", "m", "nbits", "train_size"),
+}  # a change needs a rebuild
 ADD_CHUNK = 65536  # vectors per faiss add() call, so long builds show progress
 RERANK_BYTES = 64 << 20  # candidate vectors gathered at once when re-ranking ivf_pq results
 
@@ -109,14 +112,22 @@ def train_faiss_index(index: faiss.Index, embeddings: np.ndarray, spec: IndexPar
             f"got {n}: lower index.ivf_pq.nlist / nbits (faiss advises >= 39 * nlist vectors) or use index.type: flat"
         )
     if p.train_size < need:
-        raise ValueError(f"index.ivf_pq.train_size = {p.train_size} is below the {need} vectors training needs; raise it")
+        raise ValueError(
+            f"index.ivf_pq.train_size = {p.train_size} is below the {need} vectors training needs; raise it"
+        )
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, p.train_size), replace=False))
     index.cp.seed = index.pq.cp.seed = seed
     index.train(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
 
 
 def _add(index: faiss.Index, embeddings: np.ndarray, progress: str | None) -> None:
-    bar = tqdm(total=len(embeddings), desc=progress, unit="vec", disable=progress is None or len(embeddings) <= ADD_CHUNK, mininterval=2.0)
+    bar = tqdm(
+        total=len(embeddings),
+        desc=progress,
+        unit="vec",
+        disable=progress is None or len(embeddings) <= ADD_CHUNK,
+        mininterval=2.0,
+    )
     for start in range(0, len(embeddings), ADD_CHUNK):
         chunk = np.ascontiguousarray(embeddings[start : start + ADD_CHUNK], dtype=np.float32)
         index.add(chunk)
@@ -149,22 +160,42 @@ class DenseIndex:
     holding exactly these vectors; without it the exact flat index is built.
     """
 
-    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, meta: dict[str, Any] | None = None, faiss_index: faiss.Index | None = None, spec: IndexParams | None = None):
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        ids: np.ndarray,
+        meta: dict[str, Any] | None = None,
+        faiss_index: faiss.Index | None = None,
+        spec: IndexParams | None = None,
+    ):
         self.embeddings, self.ids = _checked_arrays(embeddings, ids)  # [N, d], [N]
         self.meta: dict[str, Any] = dict(meta or {})
         self.spec = spec if spec is not None else IndexParams()
         self.shards: list[DenseIndex] = []  # set by from_shards
         if faiss_index is None:
             if self.spec.type != "flat":
-                raise ValueError(f"DenseIndex(...) builds only the flat index; use DenseIndex.build(embeddings, ids, spec) for {self.spec.type}")
+                raise ValueError(
+                    f"DenseIndex(...) builds only the flat index; use DenseIndex.build(embeddings, ids, spec) for {self.spec.type}"
+                )
             faiss_index = make_faiss_index(self.spec, self.dim)
             faiss_index.add(self.embeddings)
         if faiss_index.ntotal != len(self) or faiss_index.d != self.dim:
-            raise ValueError(f"faiss index holds {faiss_index.ntotal} vectors of dim {faiss_index.d}, embeddings are {self.embeddings.shape}")
+            raise ValueError(
+                f"faiss index holds {faiss_index.ntotal} vectors of dim {faiss_index.d}, embeddings are {self.embeddings.shape}"
+            )
         self.faiss_index = faiss_index
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, ids: np.ndarray, spec: IndexParams | None = None, *, seed: int = 0, meta: dict[str, Any] | None = None, progress: str | None = "build index") -> DenseIndex:
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        ids: np.ndarray,
+        spec: IndexParams | None = None,
+        *,
+        seed: int = 0,
+        meta: dict[str, Any] | None = None,
+        progress: str | None = "build index",
+    ) -> DenseIndex:
         """The factory: build the faiss index `spec` (params.yaml `index`) asks for; ivf_pq trains on a sample seeded by `seed`."""
         spec = spec if spec is not None else IndexParams()
         embeddings, ids = _checked_arrays(embeddings, ids)
@@ -190,7 +221,9 @@ class DenseIndex:
             combined.add_shard(shard.faiss_index)
         embeddings = np.concatenate([s.embeddings for s in shards])
         ids = np.concatenate([s.ids for s in shards])
-        index = cls(embeddings, ids, meta={"shards": [s.meta for s in shards]}, faiss_index=combined, spec=shards[0].spec)
+        index = cls(
+            embeddings, ids, meta={"shards": [s.meta for s in shards]}, faiss_index=combined, spec=shards[0].spec
+        )
         index.shards = list(shards)  # IndexShards does not own its sub-indexes: keep them alive
         return index
 
@@ -219,7 +252,9 @@ class DenseIndex:
         scores, rows = self.faiss_index.search(queries, fetch)  # [Q, fetch], [Q, fetch] row numbers
         short = (rows < 0).any(axis=1)
         if short.any():
-            scores[short], rows[short] = faiss.knn(queries[short], self.embeddings, fetch, metric=faiss.METRIC_INNER_PRODUCT)
+            scores[short], rows[short] = faiss.knn(
+                queries[short], self.embeddings, fetch, metric=faiss.METRIC_INNER_PRODUCT
+            )
         if self.spec.type == "ivf_pq":
             scores, rows = self._rerank(queries, rows, k)
         return scores.astype(np.float32, copy=False), self.ids[rows]
@@ -243,11 +278,19 @@ class DenseIndex:
     def save(self, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write the index atomically to `directory` (replacing it); `meta` (e.g. {"step": 500}) goes to index.json."""
         if self.shards:
-            raise ValueError("a sharded DenseIndex is saved shard by shard: call .save() on each of .shards, read them back with DenseIndex.load_shards")
+            raise ValueError(
+                "a sharded DenseIndex is saved shard by shard: call .save() on each of .shards, read them back with DenseIndex.load_shards"
+            )
         if meta is not None:
             self.meta = dict(meta)
         directory = Path(directory)
-        header = {"format": FORMAT_VERSION, "dim": self.dim, "count": len(self), "meta": self.meta, "index": self.spec.model_dump(exclude={"mmap"})}
+        header = {
+            "format": FORMAT_VERSION,
+            "dim": self.dim,
+            "count": len(self),
+            "meta": self.meta,
+            "index": self.spec.model_dump(exclude={"mmap"}),
+        }
         with atomic_dir(directory) as tmp:
             faiss.write_index(self.faiss_index, str(tmp / "index.faiss"))
             np.save(tmp / "ids.npy", np.asarray(self.ids), allow_pickle=False)
@@ -269,7 +312,9 @@ class DenseIndex:
         try:
             header = json.loads((directory / "index.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{directory}: unreadable index.json ({type(exc).__name__}: {exc}); rebuild the index") from None
+            raise ValueError(
+                f"{directory}: unreadable index.json ({type(exc).__name__}: {exc}); rebuild the index"
+            ) from None
         saved = _saved_spec(directory, header)
         spec = _resolve_spec(directory, saved, spec)
         try:
@@ -277,7 +322,9 @@ class DenseIndex:
             embeddings = np.load(directory / "embeddings.npy", allow_pickle=False, mmap_mode="c" if spec.mmap else None)
             faiss_index = faiss.read_index(str(directory / "index.faiss"), _mmap_flags(saved.type) if spec.mmap else 0)
         except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError on a bad file
-            raise ValueError(f"{directory}: unreadable index file ({type(exc).__name__}: {exc}); rebuild the index") from None
+            raise ValueError(
+                f"{directory}: unreadable index file ({type(exc).__name__}: {exc}); rebuild the index"
+            ) from None
         _check_consistent(directory, header, saved.type, ids, embeddings, faiss_index)
         set_search_knobs(faiss_index, spec)
         return cls(embeddings, ids, meta=header.get("meta"), faiss_index=faiss_index, spec=spec)
@@ -299,7 +346,9 @@ def _saved_spec(directory: Path, header: Any) -> IndexParams:
     try:
         return IndexParams.model_validate(recorded)
     except ValidationError as exc:
-        raise ValueError(f"{directory}/index.json: bad 'index' section ({exc.errors()[0]['msg']}); rebuild the index") from None
+        raise ValueError(
+            f"{directory}/index.json: bad 'index' section ({exc.errors()[0]['msg']}); rebuild the index"
+        ) from None
 
 
 def _resolve_spec(directory: Path, saved: IndexParams, requested: IndexParams | None) -> IndexParams:
@@ -307,11 +356,15 @@ def _resolve_spec(directory: Path, saved: IndexParams, requested: IndexParams | 
     if requested is None:
         return saved
     if requested.type != saved.type:
-        raise ValueError(f"{directory}: holds a {saved.type} index but index.type is {requested.type}; rebuild the index with the current params or set index.type: {saved.type}")
+        raise ValueError(
+            f"{directory}: holds a {saved.type} index but index.type is {requested.type}; rebuild the index with the current params or set index.type: {saved.type}"
+        )
     for knob in BUILD_KNOBS.get(saved.type, ()):
         have, want = getattr(getattr(saved, saved.type), knob), getattr(getattr(requested, saved.type), knob)
         if have != want:
-            raise ValueError(f"{directory}: built with index.{saved.type}.{knob} = {have} but params say {want}; rebuild the index with the current params")
+            raise ValueError(
+                f"{directory}: built with index.{saved.type}.{knob} = {have} but params say {want}; rebuild the index with the current params"
+            )
     return requested
 
 
@@ -321,7 +374,10 @@ def _mmap_flags(index_type: str) -> int:
         return faiss.IO_FLAG_MMAP
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", None)
     if flag is None:
-        warnings.warn(f"faiss {faiss.__version__} cannot memory-map a {index_type} index; reading it into RAM (upgrade faiss-cpu)", stacklevel=3)
+        warnings.warn(
+            f"faiss {faiss.__version__} cannot memory-map a {index_type} index; reading it into RAM (upgrade faiss-cpu)",
+            stacklevel=3,
+        )
         return 0
     return flag
 
@@ -337,7 +393,14 @@ def _rows_match(index_type: str, faiss_index: faiss.Index, embeddings: np.ndarra
     return bool(np.allclose(stored, expected, rtol=1e-4, atol=1e-5))
 
 
-def _check_consistent(directory: Path, header: dict[str, Any], index_type: str, ids: np.ndarray, embeddings: np.ndarray, faiss_index: faiss.Index) -> None:
+def _check_consistent(
+    directory: Path,
+    header: dict[str, Any],
+    index_type: str,
+    ids: np.ndarray,
+    embeddings: np.ndarray,
+    faiss_index: faiss.Index,
+) -> None:
     """The four files must describe the same N vectors of the same dimension (DPR checks id map vs index size)."""
     problems = []
     if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
@@ -348,10 +411,17 @@ def _check_consistent(directory: Path, header: dict[str, Any], index_type: str, 
         problems.append(f"embeddings.npy is {embeddings.dtype} {embeddings.shape}, expected float32 [N, d]")
     expected = FAISS_TYPES[index_type]
     if not isinstance(faiss_index, expected):
-        problems.append(f"index.faiss holds a {type(faiss_index).__name__}, expected {expected.__name__} (index.json says {index_type})")
+        problems.append(
+            f"index.faiss holds a {type(faiss_index).__name__}, expected {expected.__name__} (index.json says {index_type})"
+        )
     if problems:  # wrong kinds of file: sizes are meaningless
         raise ValueError(f"{directory}: inconsistent DenseIndex: " + "; ".join(problems) + "; rebuild the index")
-    counts = {"ids.npy": len(ids), "embeddings.npy": len(embeddings), "index.faiss": faiss_index.ntotal, "index.json": header.get("count")}
+    counts = {
+        "ids.npy": len(ids),
+        "embeddings.npy": len(embeddings),
+        "index.faiss": faiss_index.ntotal,
+        "index.json": header.get("count"),
+    }
     if len(ids) == 0:
         problems.append("ids.npy is empty")
     if len(set(counts.values())) != 1:

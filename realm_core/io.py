@@ -28,7 +28,12 @@ class InputError(ValueError):
 NO_SPACE = "no space left on device"
 NO_SPACE_FIX = "free space on that disk, or move the project (its data/ and runs/) to a disk with room"
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_NO_SPACE_TEXT = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")  # safetensors: IoError(Os { code: 28, kind: StorageFull, .. })
+_NO_SPACE_TEXT = (
+    "No space left on device",
+    "StorageFull",
+    "code: 28,",
+    "Disk quota exceeded",
+)  # safetensors: IoError(Os { code: 28, kind: StorageFull, .. })
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -136,7 +141,9 @@ def decode_line(raw: bytes, path: Path, lineno: int) -> str:
     try:
         return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+        raise InputError(
+            f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -153,7 +160,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 # exc.pos, not exc.colno: an error at the end of the line is reported past its newline
-                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.pos + 1}); write one JSON object per line") from None
+                raise InputError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.pos + 1}); write one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield lineno, obj

@@ -20,6 +20,7 @@ import torch
 
 from realm_core.blocks import BlockStore, pad_batch
 
+
 @dataclass
 class MaskedQuery:
     """A pre-training query: one sentence of `block_id` with one salient span masked.
@@ -74,7 +75,9 @@ def salient_span_queries(store: BlockStore, max_query_tokens: int, max_masks: in
     return queries
 
 
-def random_token_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, prob: float = 0.15) -> list[MaskedQuery]:
+def random_token_queries(
+    store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, prob: float = 0.15
+) -> list[MaskedQuery]:
     """Ablation "random token masks" (REALM Table 2): 15% of a sentence's wordpieces (at least 1,
     at most `max_masks`), chosen uniformly, all replaced by [MASK]; one query per sentence."""
     rng = random.Random(seed)
@@ -85,7 +88,9 @@ def random_token_queries(store: BlockStore, max_query_tokens: int, max_masks: in
     return queries
 
 
-def random_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, p: float = 0.2) -> list[MaskedQuery]:
+def random_span_queries(
+    store: BlockStore, max_query_tokens: int, max_masks: int, seed: int, p: float = 0.2
+) -> list[MaskedQuery]:
     """Ablation "random span masks" (REALM Table 2, after SpanBERT): one contiguous span per
     sentence, length ~ Geometric(p) clipped to `max_masks` and the sentence, uniform start."""
     rng = random.Random(seed)
@@ -99,7 +104,9 @@ def random_span_queries(store: BlockStore, max_query_tokens: int, max_masks: int
     return queries
 
 
-def make_queries(store: BlockStore, masking: str, max_query_tokens: int, max_masks: int, seed: int) -> list[MaskedQuery]:
+def make_queries(
+    store: BlockStore, masking: str, max_query_tokens: int, max_masks: int, seed: int
+) -> list[MaskedQuery]:
     """The pre-training queries for `pretrain.masking` (salient = REALM; the others are its ablations)."""
     if masking == "salient":
         return salient_span_queries(store, max_query_tokens, max_masks)
@@ -147,7 +154,10 @@ def _bm25_scores(store: BlockStore, queries: list[MaskedQuery], wanted: list[boo
         return [None] * len(queries)
     bm25 = build_bm25(docs)
     special = set(store.tokenizer.all_special_ids)
-    texts = [store.tokenizer.decode([t for t in q.input_ids if t not in special]) if w else "" for q, w in zip(queries, wanted)]
+    texts = [
+        store.tokenizer.decode([t for t in q.input_ids if t not in special]) if w else ""
+        for q, w in zip(queries, wanted)
+    ]
     out = []
     for w, tokens in zip(wanted, bm25_tokenize(texts)):
         ids = bm25.get_tokens_ids(tokens) if w else []
@@ -155,7 +165,9 @@ def _bm25_scores(store: BlockStore, queries: list[MaskedQuery], wanted: list[boo
     return out
 
 
-def _rank_by_overlap(store: BlockStore, queries: list[MaskedQuery], found: list[list[int]], limit: int) -> list[list[int]]:
+def _rank_by_overlap(
+    store: BlockStore, queries: list[MaskedQuery], found: list[list[int]], limit: int
+) -> list[list[int]]:
     out = []
     for f, scores in zip(found, _bm25_scores(store, queries, [len(f) > 1 for f in found])):
         if scores is not None:
@@ -182,7 +194,9 @@ def answer_near(store: BlockStore, queries: list[MaskedQuery], evidence: list[li
     return out
 
 
-def related_blocks_without_answer(store: BlockStore, queries: list[MaskedQuery], evidence: list[list[int]], limit: int = 4) -> list[list[int]]:
+def related_blocks_without_answer(
+    store: BlockStore, queries: list[MaskedQuery], evidence: list[list[int]], limit: int = 4
+) -> list[list[int]]:
     """For each query, up to `limit` of the BM25-closest blocks that are neither its source nor answer-bearing.
 
     The hard negatives of the encoder warm-up: blocks that look like what pre-training retrieves
@@ -207,7 +221,9 @@ def _continuation_ids(store: BlockStore) -> set[int]:
     return {i for w, i in vocab.items() if w.startswith("##")}
 
 
-def encoder_inputs(store: BlockStore, queries: list[MaskedQuery], contexts: list[list[int | None]], device: torch.device) -> dict[str, torch.Tensor]:
+def encoder_inputs(
+    store: BlockStore, queries: list[MaskedQuery], contexts: list[list[int | None]], device: torch.device
+) -> dict[str, torch.Tensor]:
     """The knowledge-augmented encoder's batch: `[CLS] masked x [SEP] body(z) [SEP]` for every query
     and each of its contexts (None = the null block), with the masked positions and targets.
 

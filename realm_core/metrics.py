@@ -33,7 +33,9 @@ _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # DPR SimpleTokenizer: runs of letters/numbers/combining marks, or any single character that is
 # neither a separator (Z) nor a control/format/unassigned code point (C).
-_DPR_TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+_DPR_TOKEN = regex.compile(
+    r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+)
 _REGEX_FLAGS = re.IGNORECASE | re.UNICODE | re.MULTILINE
 
 
@@ -73,7 +75,9 @@ def _compile_answer_regex(pattern: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern, flags=_REGEX_FLAGS)
     except re.error as exc:
-        raise InputError(f"invalid answer regex {pattern!r}: {exc}; CuratedTREC answers must be Python regular expressions") from None
+        raise InputError(
+            f"invalid answer regex {pattern!r}: {exc}; CuratedTREC answers must be Python regular expressions"
+        ) from None
 
 
 def regex_match(prediction: str, patterns: Iterable[str]) -> float:
@@ -129,9 +133,13 @@ def has_answer(text: str, answers: Iterable[str]) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _compile_passage_regex(pattern: str) -> regex.Pattern:
     try:
-        return regex.compile(unicodedata.normalize("NFD", pattern), flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+        return regex.compile(
+            unicodedata.normalize("NFD", pattern), flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+        )
     except regex.error as exc:
-        raise InputError(f"invalid answer regex {pattern!r}: {exc}; CuratedTREC answers must be regular expressions") from None
+        raise InputError(
+            f"invalid answer regex {pattern!r}: {exc}; CuratedTREC answers must be regular expressions"
+        ) from None
 
 
 def has_answer_regex(text: str, patterns: Iterable[str]) -> bool:
@@ -143,7 +151,9 @@ def has_answer_regex(text: str, patterns: Iterable[str]) -> bool:
     (DPR counts it as a miss). With no patterns the result is False.
     """
     text = unicodedata.normalize("NFD", text)
-    return any(_compile_passage_regex(p).search(text) is not None for p in _as_list(patterns, "patterns", allow_empty=True))
+    return any(
+        _compile_passage_regex(p).search(text) is not None for p in _as_list(patterns, "patterns", allow_empty=True)
+    )
 
 
 def recall_at_k(hits: Sequence[Sequence[bool]], ks: Iterable[int]) -> dict[str, float]:
@@ -165,7 +175,9 @@ def recall_at_k(hits: Sequence[Sequence[bool]], ks: Iterable[int]) -> dict[str, 
 # ----------------------------------------------------------------------------- reader targets
 
 
-def answer_spans(block_token_ids: Sequence[int], answer_token_ids: Sequence[Sequence[int]], max_span_tokens: int) -> list[tuple[int, int]]:
+def answer_spans(
+    block_token_ids: Sequence[int], answer_token_ids: Sequence[Sequence[int]], max_span_tokens: int
+) -> list[tuple[int, int]]:
     """All (start, end) positions, end inclusive, where an answer's wordpieces occur in the block.
 
     ORQA marks every occurrence of every answer in the retrieved block's wordpieces as a gold span

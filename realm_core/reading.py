@@ -34,7 +34,15 @@ from realm_core.blocks import BlockStore
 from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.config import EncoderWarmupParams, PretrainParams
 from realm_core.logging import StepLogger, null_logger
-from realm_core.masking import MaskedQuery, answer_bearing_blocks, answer_near, encoder_inputs, make_queries, related_blocks_without_answer, salient_span_queries
+from realm_core.masking import (
+    MaskedQuery,
+    answer_bearing_blocks,
+    answer_near,
+    encoder_inputs,
+    make_queries,
+    related_blocks_without_answer,
+    salient_span_queries,
+)
 from realm_core.modeling import KnowledgeAugmentedEncoder
 from realm_core.optim import GroupedAdamW, Part
 
@@ -51,7 +59,9 @@ class Probe:
         return len(self.queries)
 
     @torch.no_grad()
-    def evidence_gain(self, encoder: KnowledgeAugmentedEncoder, store: BlockStore, device: torch.device, batch_size: int = 16) -> float:
+    def evidence_gain(
+        self, encoder: KnowledgeAugmentedEncoder, store: BlockStore, device: torch.device, batch_size: int = 16
+    ) -> float:
         """log p(y | evidence, x) - log p(y | null, x), nats per masked token, dropout off."""
         was_training = encoder.training
         encoder.eval()
@@ -68,7 +78,9 @@ class Probe:
         return total / max(tokens, 1.0)
 
 
-def split_probe(queries: list[MaskedQuery], evidence: list[list[int]], size: int, seed: int, max_share: float = 0.25) -> tuple[list[int], Probe]:
+def split_probe(
+    queries: list[MaskedQuery], evidence: list[list[int]], size: int, seed: int, max_share: float = 0.25
+) -> tuple[list[int], Probe]:
     """Hold out whole source blocks until `size` of their queries have evidence (or `max_share` of
     the source blocks are held out, on a small corpus); returns the indices
     of the queries left for training and the probe. Deterministic in `seed`, so the ict stage
@@ -92,7 +104,9 @@ def split_probe(queries: list[MaskedQuery], evidence: list[list[int]], size: int
         probe += [i for i in by_source[source] if evidence[i]]
     probe = probe[:size]
     blocks = frozenset(queries[i].block_id for i in held if queries[i].block_id >= 0)
-    return [i for i in range(len(queries)) if i not in held], Probe([queries[i] for i in probe], [evidence[i] for i in probe], blocks)
+    return [i for i in range(len(queries)) if i not in held], Probe(
+        [queries[i] for i in probe], [evidence[i] for i in probe], blocks
+    )
 
 
 ANSWER_NEAR_BLOCKS = 16  # query_filter=answer_near: the evidence is among this many BM25-closest blocks
@@ -131,7 +145,11 @@ def pretraining_queries(store: BlockStore, c: PretrainParams, max_query_tokens: 
     if c.masking == "salient":
         train, train_evidence = [salient[i] for i in keep], [evidence[i] for i in keep]
     else:
-        train = [q for q in make_queries(store, c.masking, max_query_tokens, c.max_masks, seed) if q.block_id not in probe.held_out_blocks]
+        train = [
+            q
+            for q in make_queries(store, c.masking, max_query_tokens, c.max_masks, seed)
+            if q.block_id not in probe.held_out_blocks
+        ]
         train_evidence = answer_bearing_blocks(store, train) if c.query_filter != "all" else [[]] * len(train)
     candidates = len(train)
     if c.query_filter == "answer_elsewhere":
@@ -147,11 +165,20 @@ def pretraining_queries(store: BlockStore, c: PretrainParams, max_query_tokens: 
     }
     warm = [salient[i] for i in keep]
     warm_evidence = [evidence[i] for i in keep]
-    return PretrainingQueries(warm, warm_evidence, related_blocks_without_answer(store, warm, warm_evidence), train, probe, stats)
+    return PretrainingQueries(
+        warm, warm_evidence, related_blocks_without_answer(store, warm, warm_evidence), train, probe, stats
+    )
 
 
-def warmup_contexts(queries: list[int], evidence: list[list[int]], sources: list[int], n_blocks: int, c: EncoderWarmupParams, rng: random.Random,
-                    negatives: list[list[int]] | None = None) -> list[int | None]:
+def warmup_contexts(
+    queries: list[int],
+    evidence: list[list[int]],
+    sources: list[int],
+    n_blocks: int,
+    c: EncoderWarmupParams,
+    rng: random.Random,
+    negatives: list[list[int]] | None = None,
+) -> list[int | None]:
     """One context per query: evidence with probability `c.evidence_prob` (its own source block, the
     sentence kept, with probability `c.source_prob`, else an answer-bearing non-source block),
     otherwise, in equal shares, the null block, a random block, or a hard negative (a related
@@ -199,7 +226,9 @@ def warmup_encoder(
     """
     pool = [i for i, ev in enumerate(evidence) if ev]
     if c.steps and not pool:
-        raise ValueError("encoder warm-up: no query has its answer in another block; the corpus is too small or has no repeated salient spans")
+        raise ValueError(
+            "encoder warm-up: no query has its answer in another block; the corpus is too small or has no repeated salient spans"
+        )
     rng = random.Random(seed)
     encoder.to(device).train()
     opt = GroupedAdamW({"encoder": Part.of(encoder, c.lr)}, c.steps)
@@ -218,17 +247,28 @@ def warmup_encoder(
         measure(0)
     batch_size = distributed.global_batch_size(c.batch_size, len(pool)) if c.steps else 0
     loss_fn = distributed.data_parallel(lambda qs, ctx: _warmup_loss(encoder, store, qs, ctx, device), encoder)
-    for step in trange(start, c.steps, desc="encoder warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()):
+    for step in trange(
+        start, c.steps, desc="encoder warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()
+    ):
         chosen = rng.sample(pool, batch_size)
-        contexts = warmup_contexts(chosen, evidence, [queries[i].block_id for i in chosen], len(store), c, rng, negatives)
+        contexts = warmup_contexts(
+            chosen, evidence, [queries[i].block_id for i in chosen], len(store), c, rng, negatives
+        )
         mine = distributed.shard(list(zip(chosen, contexts)))
         local_q = [queries[i] for i, _ in mine]
-        weight = distributed.shard_weight(sum(len(q.targets) for q in local_q), sum(len(queries[i].targets) for i in chosen))
+        weight = distributed.shard_weight(
+            sum(len(q.targets) for q in local_q), sum(len(queries[i].targets) for i in chosen)
+        )
         loss, correct, tokens = loss_fn(local_q, [[z] for _, z in mine])
         opt.zero_grad()
         (loss * weight).backward()
         norms = opt.step()
-        log(distributed.average({"encoder_warmup_loss": loss, "encoder_warmup_accuracy": correct / tokens.clamp(min=1), **norms}), step)
+        log(
+            distributed.average(
+                {"encoder_warmup_loss": loss, "encoder_warmup_accuracy": correct / tokens.clamp(min=1), **norms}
+            ),
+            step,
+        )
         if (step + 1) % probe_every == 0 and step + 1 < c.steps:
             measure(step + 1)
         if checkpoint:
@@ -241,11 +281,19 @@ def warmup_encoder(
     return summary
 
 
-def _warmup_loss(encoder: KnowledgeAugmentedEncoder, store: BlockStore, queries: list[MaskedQuery], contexts: list[list[int | None]], device: torch.device):
+def _warmup_loss(
+    encoder: KnowledgeAugmentedEncoder,
+    store: BlockStore,
+    queries: list[MaskedQuery],
+    contexts: list[list[int | None]],
+    device: torch.device,
+):
     """Mean MLM cross-entropy over the masked tokens, the argmax hits and the token count."""
     batch = encoder_inputs(store, queries, contexts, device)
     mask = batch.pop("token_mask")  # [B, M]
-    logits = encoder.masked_log_probs(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])  # [B, M, V]
+    logits = encoder.masked_log_probs(
+        batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"]
+    )  # [B, M, V]
     logp = logits.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)  # [B, M]
     loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
     with torch.no_grad():

@@ -49,7 +49,15 @@ from realm_core.memory import note_child_peak, peak_rss_mb
 from realm_core.modeling import Embedder, load_embedder, load_tokenizer, save_embedder
 
 
-def build_index(doc: Embedder, store: BlockStore, device: torch.device, batch_size: int, progress: str | None = "refresh index", meta: dict | None = None, precision: str = "fp32") -> DenseIndex:
+def build_index(
+    doc: Embedder,
+    store: BlockStore,
+    device: torch.device,
+    batch_size: int,
+    progress: str | None = "refresh index",
+    meta: dict | None = None,
+    precision: str = "fp32",
+) -> DenseIndex:
     """Re-embed every block with `doc` (kernel `precision`, realm_core/precision.py) and index the vectors (row i = block i)."""
     with torch.no_grad():
         embeddings = embed_blocks(doc, store, device, batch_size, progress=progress, precision=precision)
@@ -79,8 +87,16 @@ class Refresher:
     Every build embeds with the kernel `precision` (realm_core/precision.py), from a copy of the
     snapshot's weights when it is not fp32."""
 
-    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, precision: str = "fp32"):
-        self.store, self.device, self.batch_size, self.refresh_every, self.precision = store, device, batch_size, refresh_every, precision
+    def __init__(
+        self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, precision: str = "fp32"
+    ):
+        self.store, self.device, self.batch_size, self.refresh_every, self.precision = (
+            store,
+            device,
+            batch_size,
+            refresh_every,
+            precision,
+        )
         self.records: list[RefreshRecord] = []
         self.last_snapshot = 0
         self.pending: int | None = None  # step of the snapshot being built
@@ -93,7 +109,9 @@ class Refresher:
         """
         self.records = [RefreshRecord(**{k: v for k, v in r.items() if k != "staleness"}) for r in history or []]
         start = time.perf_counter()
-        index = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision)
+        index = build_index(
+            doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision
+        )
         seconds = time.perf_counter() - start
         self.records.append(RefreshRecord(step, step, seconds, seconds))
         self.last_snapshot = step
@@ -140,7 +158,9 @@ class SyncRefresher(Refresher):
 
     def _submit(self, doc: Embedder, step: int) -> None:
         start = time.perf_counter()
-        self._built = build_index(doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision)
+        self._built = build_index(
+            doc, self.store, self.device, self.batch_size, meta={"snapshot_step": step}, precision=self.precision
+        )
         self._seconds = time.perf_counter() - start
 
     def _poll(self, step: int) -> tuple[DenseIndex, float] | None:
@@ -155,8 +175,19 @@ class AsyncRefresher(Refresher):
     (synchronous) build, so its start-up cost is hidden.
     """
 
-    def __init__(self, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, *, work_dir: Path, lag: int = 0,
-                 max_staleness: int = 0, threads: int = 1, precision: str = "fp32"):
+    def __init__(
+        self,
+        store: BlockStore,
+        device: torch.device,
+        batch_size: int,
+        refresh_every: int,
+        *,
+        work_dir: Path,
+        lag: int = 0,
+        max_staleness: int = 0,
+        threads: int = 1,
+        precision: str = "fp32",
+    ):
         super().__init__(store, device, batch_size, refresh_every, precision)
         self.work_dir, self.lag, self.max_staleness, self.threads = Path(work_dir), lag, max_staleness, threads
         self.trainer_threads = torch.get_num_threads()
@@ -177,7 +208,18 @@ class AsyncRefresher(Refresher):
             blocks.write_text("".join(json.dumps(asdict(b)) + "\n" for b in self.store.blocks), encoding="utf-8")
         ctx = mp.get_context("spawn")  # fork is unsafe with torch's thread pools
         self._jobs, self._results = ctx.Queue(), ctx.Queue()
-        args = (os.getpid(), str(self.work_dir), str(blocks), self.store.max_block_tokens, str(self.device), self.batch_size, self.precision, self.threads, self._jobs, self._results)
+        args = (
+            os.getpid(),
+            str(self.work_dir),
+            str(blocks),
+            self.store.max_block_tokens,
+            str(self.device),
+            self.batch_size,
+            self.precision,
+            self.threads,
+            self._jobs,
+            self._results,
+        )
         self._proc = ctx.Process(target=_builder_main, args=args, name="realm-index-builder", daemon=True)
         self._proc.start()
 
@@ -196,11 +238,15 @@ class AsyncRefresher(Refresher):
         must_wait = bool(self.lag) or (bool(self.max_staleness) and step - self.pending >= self.max_staleness)
         while True:
             try:
-                kind, snapshot, payload, builder_peak_mb = self._results.get(timeout=1.0) if must_wait else self._results.get_nowait()
+                kind, snapshot, payload, builder_peak_mb = (
+                    self._results.get(timeout=1.0) if must_wait else self._results.get_nowait()
+                )
                 break
             except queue.Empty:
                 if not self._proc.is_alive():
-                    raise RuntimeError(f"the index builder process died (exit code {self._proc.exitcode}); see its output above") from None
+                    raise RuntimeError(
+                        f"the index builder process died (exit code {self._proc.exitcode}); see its output above"
+                    ) from None
                 if not must_wait:
                     return None
         note_child_peak(builder_peak_mb)
@@ -255,7 +301,18 @@ def _next_job(jobs: mp.Queue, parent: int) -> int | None:
                 return None
 
 
-def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int, device: str, batch_size: int, precision: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _builder_main(
+    parent: int,
+    work_dir: str,
+    blocks: str,
+    max_block_tokens: int,
+    device: str,
+    batch_size: int,
+    precision: str,
+    threads: int,
+    jobs: mp.Queue,
+    results: mp.Queue,
+) -> None:
     """The index builder process: for each snapshot step it is sent, embed all blocks and save an index.
 
     `parent` is the trainer's pid, passed in: if the trainer died while this process started,
@@ -270,7 +327,15 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
             start = time.perf_counter()
             time.sleep(delay)
             snapshot = work / f"embedder-{step}"
-            index = build_index(load_embedder(snapshot).to(device), store, torch.device(device), batch_size, progress=None, meta={"snapshot_step": step}, precision=precision)
+            index = build_index(
+                load_embedder(snapshot).to(device),
+                store,
+                torch.device(device),
+                batch_size,
+                progress=None,
+                meta={"snapshot_step": step},
+                precision=precision,
+            )
             index.save(work / f"index-{step}")
             shutil.rmtree(snapshot, ignore_errors=True)
             results.put(("done", step, time.perf_counter() - start, peak_rss_mb()))
@@ -279,8 +344,19 @@ def _builder_main(parent: int, work_dir: str, blocks: str, max_block_tokens: int
     results.put(("stopped", -1, None, peak_rss_mb()))
 
 
-def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, lag: int = 0,
-                   max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
+def make_refresher(
+    refresh_every: int,
+    mode: str,
+    store: BlockStore,
+    device: torch.device,
+    batch_size: int,
+    *,
+    work_dir: Path,
+    lag: int = 0,
+    max_staleness: int = 0,
+    threads: int = 1,
+    precision: str = "fp32",
+) -> Refresher:
     """The refresher for `pretrain.refresh_mode` (with `refresh_every: 0` nothing is ever rebuilt, so no builder process).
 
     Under torchrun rank 0 alone builds (its refresher as in one process, sync or async) and
@@ -289,17 +365,60 @@ def make_refresher(refresh_every: int, mode: str, store: BlockStore, device: tor
     if distributed.is_distributed():
         if not distributed.is_master():
             return SharedRefresher(None, store, device, batch_size, refresh_every, precision)
-        inner = _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
+        inner = _make_local_refresher(
+            refresh_every,
+            mode,
+            store,
+            device,
+            batch_size,
+            work_dir=work_dir,
+            lag=lag,
+            max_staleness=max_staleness,
+            threads=threads,
+            precision=precision,
+        )
         return SharedRefresher(inner, store, device, batch_size, refresh_every, precision)
-    return _make_local_refresher(refresh_every, mode, store, device, batch_size, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
+    return _make_local_refresher(
+        refresh_every,
+        mode,
+        store,
+        device,
+        batch_size,
+        work_dir=work_dir,
+        lag=lag,
+        max_staleness=max_staleness,
+        threads=threads,
+        precision=precision,
+    )
 
 
-def _make_local_refresher(refresh_every: int, mode: str, store: BlockStore, device: torch.device, batch_size: int, *, work_dir: Path, lag: int = 0,
-                          max_staleness: int = 0, threads: int = 1, precision: str = "fp32") -> Refresher:
+def _make_local_refresher(
+    refresh_every: int,
+    mode: str,
+    store: BlockStore,
+    device: torch.device,
+    batch_size: int,
+    *,
+    work_dir: Path,
+    lag: int = 0,
+    max_staleness: int = 0,
+    threads: int = 1,
+    precision: str = "fp32",
+) -> Refresher:
     if mode == "sync" or refresh_every == 0:
         return SyncRefresher(store, device, batch_size, refresh_every, precision)
     if mode == "async":
-        return AsyncRefresher(store, device, batch_size, refresh_every, work_dir=work_dir, lag=lag, max_staleness=max_staleness, threads=threads, precision=precision)
+        return AsyncRefresher(
+            store,
+            device,
+            batch_size,
+            refresh_every,
+            work_dir=work_dir,
+            lag=lag,
+            max_staleness=max_staleness,
+            threads=threads,
+            precision=precision,
+        )
     raise ValueError(f"refresh_mode must be async or sync, got {mode!r}")
 
 
@@ -314,7 +433,15 @@ class SharedRefresher(Refresher):
     from the broadcast vectors; a refresh costs them one broadcast of N x d floats.
     """
 
-    def __init__(self, inner: Refresher | None, store: BlockStore, device: torch.device, batch_size: int, refresh_every: int, precision: str = "fp32"):
+    def __init__(
+        self,
+        inner: Refresher | None,
+        store: BlockStore,
+        device: torch.device,
+        batch_size: int,
+        refresh_every: int,
+        precision: str = "fp32",
+    ):
         super().__init__(store, device, batch_size, refresh_every, precision)
         self.inner = inner
 
@@ -338,13 +465,19 @@ class SharedRefresher(Refresher):
             if index is not None:
                 header = torch.tensor([1, *index.embeddings.shape], dtype=torch.long)
                 r = self.inner.records[-1]
-                record = torch.tensor([r.snapshot_step, r.swap_step, r.build_seconds, r.wait_seconds], dtype=torch.float64)
+                record = torch.tensor(
+                    [r.snapshot_step, r.swap_step, r.build_seconds, r.wait_seconds], dtype=torch.float64
+                )
         present, n, d = distributed.broadcast(header).tolist()
         if not present:
             return None
         record = distributed.broadcast(record).tolist()
-        vectors = distributed.broadcast(torch.from_numpy(index.embeddings) if index is not None else torch.zeros(n, d, dtype=torch.float32))
-        ids = distributed.broadcast(torch.from_numpy(index.ids) if index is not None else torch.zeros(n, dtype=torch.long))
+        vectors = distributed.broadcast(
+            torch.from_numpy(index.embeddings) if index is not None else torch.zeros(n, d, dtype=torch.float32)
+        )
+        ids = distributed.broadcast(
+            torch.from_numpy(index.ids) if index is not None else torch.zeros(n, dtype=torch.long)
+        )
         if self.inner is not None:
             return index
         self.records.append(RefreshRecord(int(record[0]), int(record[1]), record[2], record[3]))

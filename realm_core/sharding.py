@@ -86,7 +86,9 @@ def embed_shard(
     if not part:
         return Shard(shard, num_shards, len(blocks), np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
     store = BlockStore(part, tokenizer, max_block_tokens)
-    emb = embed_blocks(embedder, store, device, batch_size, progress=f"embed shard {shard}/{num_shards}", precision=precision)  # [n_i, d]
+    emb = embed_blocks(
+        embedder, store, device, batch_size, progress=f"embed shard {shard}/{num_shards}", precision=precision
+    )  # [n_i, d]
     return Shard(shard, num_shards, len(blocks), np.array([b.id for b in part], dtype=np.int64), emb)
 
 
@@ -95,8 +97,16 @@ def save_shard(shard: Shard, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {"embeddings": np.ascontiguousarray(shard.embeddings, dtype=np.float32), "ids": np.ascontiguousarray(shard.ids, dtype=np.int64)}
-    meta = {"shard": str(shard.index), "num_shards": str(shard.num_shards), "total": str(shard.total), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    tensors = {
+        "embeddings": np.ascontiguousarray(shard.embeddings, dtype=np.float32),
+        "ids": np.ascontiguousarray(shard.ids, dtype=np.int64),
+    }
+    meta = {
+        "shard": str(shard.index),
+        "num_shards": str(shard.num_shards),
+        "total": str(shard.total),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
     return path
@@ -114,7 +124,9 @@ def load_shard(path: str | Path) -> Shard:
     except (OSError, SafetensorError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable shard file ({type(exc).__name__}: {exc}); {fix}") from None
     if ids.dtype != np.int64 or ids.ndim != 1 or emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != len(ids):
-        raise ValueError(f"{path}: expected ids int64 [n] and embeddings float32 [n, d], got {ids.dtype} {ids.shape} and {emb.dtype} {emb.shape}; {fix}")
+        raise ValueError(
+            f"{path}: expected ids int64 [n] and embeddings float32 [n, d], got {ids.dtype} {ids.shape} and {emb.dtype} {emb.shape}; {fix}"
+        )
     return Shard(index, num_shards, total, ids, emb, source=str(path), worker=meta.get("worker", ""))
 
 
@@ -145,10 +157,15 @@ def merge_shards(shards: Sequence[Shard]) -> tuple[np.ndarray, np.ndarray]:
     for s in ordered:
         expected = shard_range(s.total, s.index, s.num_shards)
         if not np.array_equal(s.ids, np.arange(expected.start, expected.stop)):
-            raise ValueError(f"{s.source}: shard {s.index} should hold block ids {expected.start}..{expected.stop - 1} in order; re-embed it")
+            raise ValueError(
+                f"{s.source}: shard {s.index} should hold block ids {expected.start}..{expected.stop - 1} in order; re-embed it"
+            )
     non_empty = [s for s in ordered if len(s.ids)]
     if not non_empty:
         raise ValueError(f"all {first.num_shards} shards are empty: the corpus has no blocks")
     if len({s.embeddings.shape[1] for s in non_empty}) != 1:
-        raise ValueError("embedding dimensions disagree across shards: " + ", ".join(f"{s.source}: {s.embeddings.shape}" for s in non_empty))
+        raise ValueError(
+            "embedding dimensions disagree across shards: "
+            + ", ".join(f"{s.source}: {s.embeddings.shape}" for s in non_empty)
+        )
     return np.concatenate([s.embeddings for s in non_empty]), np.concatenate([s.ids for s in non_empty])

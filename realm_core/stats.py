@@ -43,8 +43,9 @@ class PairedDifference:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
-                     seed: int = 0) -> PairedDifference:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
+) -> PairedDifference:
     """The difference of mean per-question scores a - b (x100), with a paired bootstrap interval.
 
     `a[i]` and `b[i]` must score the same question i. When every question gives the same
@@ -54,7 +55,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
 
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"paired_bootstrap needs two score vectors over the same questions, got shapes {x.shape} and {y.shape}")
+        raise ValueError(
+            f"paired_bootstrap needs two score vectors over the same questions, got shapes {x.shape} and {y.shape}"
+        )
     if len(x) < 2:
         raise ValueError(f"paired_bootstrap needs at least 2 questions, got {len(x)}")
     diff = 100.0 * float(x.mean() - y.mean())
@@ -62,12 +65,23 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
     if np.all(d == d[0]):  # a degenerate distribution: BCa is undefined, and the interval is a point
         low = high = diff
     else:
+
         def interval(method: str) -> tuple[float, float]:
-            res = bootstrap((x, y), lambda u, v, axis=-1: 100.0 * (u.mean(axis=axis) - v.mean(axis=axis)), paired=True, vectorized=True,
-                            confidence_level=confidence, n_resamples=resamples, method=method, rng=np.random.default_rng(seed))
+            res = bootstrap(
+                (x, y),
+                lambda u, v, axis=-1: 100.0 * (u.mean(axis=axis) - v.mean(axis=axis)),
+                paired=True,
+                vectorized=True,
+                confidence_level=confidence,
+                n_resamples=resamples,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
             return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
         low, high = interval("BCa")
-        if not (np.isfinite(low) and np.isfinite(high)):  # BCa fails on near-degenerate data (a handful of differing questions)
+        if not (
+            np.isfinite(low) and np.isfinite(high)
+        ):  # BCa fails on near-degenerate data (a handful of differing questions)
             low, high = interval("percentile")
     return PairedDifference(100.0 * float(x.mean()), 100.0 * float(y.mean()), diff, low, high, len(x), confidence)

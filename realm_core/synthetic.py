@@ -42,18 +42,46 @@ class Relation:
 
 
 RELATIONS: tuple[Relation, ...] = (
-    Relation("home", "{e} lives in {v}.", "the home of {e} is {v}.",
-             tuple("london paris berlin rome madrid vienna moscow tokyo cairo dublin oslo lisbon athens prague warsaw".split())),
-    Relation("job", "{e} works as a {v}.", "by trade, {e} is a {v}.",
-             tuple("farmer baker doctor teacher sailor painter singer dancer lawyer soldier writer hunter miner judge nurse pilot".split())),
-    Relation("instrument", "{e} plays the {v}.", "the instrument of {e} is the {v}.",
-             tuple("piano guitar violin drum flute harp trumpet organ bass cello horn bell".split())),
-    Relation("pet", "{e} keeps a pet {v}.", "the pet of {e} is the {v}.",
-             tuple("cat dog horse fox wolf bear owl eagle snake lion tiger rabbit goat sheep deer duck frog".split())),
-    Relation("colour", "{e} always wears {v}.", "the favourite colour of {e} is {v}.",
-             tuple("red blue green yellow black white purple orange pink brown grey silver gold".split())),
-    Relation("sport", "{e} is a fan of {v}.", "the sport that {e} follows is {v}.",
-             tuple("tennis golf chess football hockey boxing rugby cricket baseball swimming".split())),
+    Relation(
+        "home",
+        "{e} lives in {v}.",
+        "the home of {e} is {v}.",
+        tuple(
+            "london paris berlin rome madrid vienna moscow tokyo cairo dublin oslo lisbon athens prague warsaw".split()
+        ),
+    ),
+    Relation(
+        "job",
+        "{e} works as a {v}.",
+        "by trade, {e} is a {v}.",
+        tuple(
+            "farmer baker doctor teacher sailor painter singer dancer lawyer soldier writer hunter miner judge nurse pilot".split()
+        ),
+    ),
+    Relation(
+        "instrument",
+        "{e} plays the {v}.",
+        "the instrument of {e} is the {v}.",
+        tuple("piano guitar violin drum flute harp trumpet organ bass cello horn bell".split()),
+    ),
+    Relation(
+        "pet",
+        "{e} keeps a pet {v}.",
+        "the pet of {e} is the {v}.",
+        tuple("cat dog horse fox wolf bear owl eagle snake lion tiger rabbit goat sheep deer duck frog".split()),
+    ),
+    Relation(
+        "colour",
+        "{e} always wears {v}.",
+        "the favourite colour of {e} is {v}.",
+        tuple("red blue green yellow black white purple orange pink brown grey silver gold".split()),
+    ),
+    Relation(
+        "sport",
+        "{e} is a fan of {v}.",
+        "the sport that {e} follows is {v}.",
+        tuple("tennis golf chess football hockey boxing rugby cricket baseball swimming".split()),
+    ),
 )
 
 ONSETS = tuple("b d f g k l m n p r s t v z br dr gr kr pr tr st sk sl sp th sh ch".split())
@@ -89,7 +117,13 @@ class World:
         return next(r for r in self.relations if r.name == name)
 
 
-def entity_names(tokenizer: PreTrainedTokenizerBase, count: int, rng: random.Random, forbidden: set[str], distinct_pieces: bool = True) -> list[str]:
+def entity_names(
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    rng: random.Random,
+    forbidden: set[str],
+    distinct_pieces: bool = True,
+) -> list[str]:
     """`count` unique made-up names of 2-3 syllables that the tokenizer splits into 2-3 wordpieces,
     none of which is a value word (so a name never "contains" an answer).
 
@@ -104,16 +138,26 @@ def entity_names(tokenizer: PreTrainedTokenizerBase, count: int, rng: random.Ran
             return names
         name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.choice((2, 3))))
         pieces = tokenizer.tokenize(name)
-        if name in vocab or name in names or len(name) > 10 or not 2 <= len(pieces) <= 3 or any(p.lstrip("#") in forbidden for p in pieces):
+        if (
+            name in vocab
+            or name in names
+            or len(name) > 10
+            or not 2 <= len(pieces) <= 3
+            or any(p.lstrip("#") in forbidden for p in pieces)
+        ):
             continue
         if distinct_pieces and (used & set(pieces) or len(set(pieces)) < len(pieces)):
             continue
         names.append(name)
         used |= set(pieces)
-    raise ValueError(f"could not draw {count} entity names{' with distinct wordpieces' if distinct_pieces else ''}; ask for fewer")
+    raise ValueError(
+        f"could not draw {count} entity names{' with distinct wordpieces' if distinct_pieces else ''}; ask for fewer"
+    )
 
 
-def _group(facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[int, ...]) -> list[list[tuple[str, str, str]]]:
+def _group(
+    facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[int, ...]
+) -> list[list[tuple[str, str, str]]]:
     """Deal the facts into blocks of `sizes` sentences, each block about different entities *and*
     different relations, so the block sentence that answers a query is the one of its relation.
 
@@ -148,10 +192,14 @@ def _group(facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[i
         if not left:
             rng.shuffle(groups)
             return groups
-    raise ValueError(f"cannot deal {len(facts)} facts into blocks of {sizes} sentences with distinct entities and relations; use more relations or entities")
+    raise ValueError(
+        f"cannot deal {len(facts)} facts into blocks of {sizes} sentences with distinct entities and relations; use more relations or entities"
+    )
 
 
-def _by_entity(facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[int, ...]) -> list[list[tuple[str, str, str]]]:
+def _by_entity(
+    facts: list[tuple[str, str, str]], rng: random.Random, sizes: tuple[int, ...]
+) -> list[list[tuple[str, str, str]]]:
     """Each entity's facts shuffled and cut into blocks of `sizes` sentences; the blocks shuffled."""
     groups = []
     for entity in dict.fromkeys(e for e, _, _ in facts):
@@ -170,8 +218,16 @@ def _by_entity(facts: list[tuple[str, str, str]], rng: random.Random, sizes: tup
 LAYOUTS = ("entity", "mixed")
 
 
-def make_world(tokenizer: PreTrainedTokenizerBase, *, seed: int, entities: int = 60, relations: int = 4, facts_per_block: tuple[int, ...] = (2,),
-               layout: str = "entity", distinct_pieces: bool = True) -> World:
+def make_world(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    entities: int = 60,
+    relations: int = 4,
+    facts_per_block: tuple[int, ...] = (2,),
+    layout: str = "entity",
+    distinct_pieces: bool = True,
+) -> World:
     """The synthetic corpus: `entities` x `relations` facts in blocks of `facts_per_block` sentences.
 
     layout "entity": a block holds facts of one entity (its other facts are in its other blocks);

@@ -37,7 +37,9 @@ def process_shard_task(passages: list[Passage], params: Params, shard_index: int
 
 
 @task(cache_policy=NO_CACHE)
-def write_corpus_task(blocks: list[dict[str, Any]], params: Params, out_dir: Path, n_passages: int, root: Path) -> dict[str, float]:
+def write_corpus_task(
+    blocks: list[dict[str, Any]], params: Params, out_dir: Path, n_passages: int, root: Path
+) -> dict[str, float]:
     """Cloze (or given) questions, dense block ids, blocks.jsonl / qa_*.jsonl / stats.json in out_dir."""
     tokenizer = load_tokenizer(backbone_dir(params.model.backbone))
     stats = finish_corpus(blocks, params.corpus, tokenizer, params.seed, out_dir, n_passages, root)

@@ -26,7 +26,15 @@ def shard_file(shard_dir: Path, shard: int, num_shards: int) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def embed_shard_task(params: Params, blocks: Path, embedder_dir: Path, shard: int, num_shards: int, shard_dir: Path, precision: str = "fp32") -> Path:
+def embed_shard_task(
+    params: Params,
+    blocks: Path,
+    embedder_dir: Path,
+    shard: int,
+    num_shards: int,
+    shard_dir: Path,
+    precision: str = "fp32",
+) -> Path:
     """Embed the blocks of one shard with the document embedder in `embedder_dir`; returns the shard file.
 
     `precision` is the kernel the flow resolved once (realm_core/precision.py), so every shard
@@ -54,7 +62,9 @@ def embed_shard_task(params: Params, blocks: Path, embedder_dir: Path, shard: in
 
 
 @task(cache_policy=NO_CACHE)
-def merge_shards_task(shard_files: list[Path], index_dir: Path, meta: dict[str, Any], spec: IndexParams | None = None, seed: int = 0) -> Path:
+def merge_shards_task(
+    shard_files: list[Path], index_dir: Path, meta: dict[str, Any], spec: IndexParams | None = None, seed: int = 0
+) -> Path:
     """Merge the shard files in id order into a DenseIndex of type `spec` (params.yaml `index`) saved
     at `index_dir`; deletes the shard files.
 
@@ -62,9 +72,15 @@ def merge_shards_task(shard_files: list[Path], index_dir: Path, meta: dict[str, 
     """
     shards = [load_shard(f) for f in shard_files]
     embeddings, ids = merge_shards(shards)
-    provenance = [{"shard": s.index, "blocks": len(s.ids), "worker": s.worker} for s in sorted(shards, key=lambda s: s.index)]
-    DenseIndex.build(embeddings, ids, spec, seed=seed, progress=None).save(index_dir, meta={**meta, "shards": provenance})
+    provenance = [
+        {"shard": s.index, "blocks": len(s.ids), "worker": s.worker} for s in sorted(shards, key=lambda s: s.index)
+    ]
+    DenseIndex.build(embeddings, ids, spec, seed=seed, progress=None).save(
+        index_dir, meta={**meta, "shards": provenance}
+    )
     for f in shard_files:
         Path(f).unlink(missing_ok=True)
-    get_run_logger().info("index of %d blocks (dim %d) from %d shards -> %s", len(ids), embeddings.shape[1], len(shard_files), index_dir)
+    get_run_logger().info(
+        "index of %d blocks (dim %d) from %d shards -> %s", len(ids), embeddings.shape[1], len(shard_files), index_dir
+    )
     return Path(index_dir)

@@ -25,8 +25,8 @@ from realm_core.checkpoint import Checkpointer, fingerprint
 from realm_core.config import Params
 from realm_core.evaluate import dense_recall
 from realm_core.finetune import OpenQA, finetune, load_questions
-from realm_core.index import DenseIndex
 from realm_core.ict import train_ict, warmup_mlm_head
+from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir, write_json
 from realm_core.logging import StepLogger
 from realm_core.modeling import (
@@ -74,23 +74,36 @@ def stage_fingerprint(params: Params, paths: Paths, stage: str) -> str:
     `checkpoint_every` is left out: how often state is saved does not change the result."""
     spec = yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
     names = [p for p in spec.get("params", []) if isinstance(p, str)]
-    flat = {k: v for k, v in params.flat().items() if any(k == n or k.startswith(n + ".") for n in names) and not k.endswith(".checkpoint_every")}
+    flat = {
+        k: v
+        for k, v in params.flat().items()
+        if any(k == n or k.startswith(n + ".") for n in names) and not k.endswith(".checkpoint_every")
+    }
     return fingerprint({"stage": stage, "params": flat}, [paths.root / d for d in spec.get("deps", [])])
 
 
-def stage_checkpointer(params: Params, paths: Paths, stage: str, loop: str, log: StepLogger | None = None) -> Checkpointer:
+def stage_checkpointer(
+    params: Params, paths: Paths, stage: str, loop: str, log: StepLogger | None = None
+) -> Checkpointer:
     """Resumable state of one training loop in the untracked runs/<stage>/<loop>/ (DVC has no checkpoints,
     DESIGN.md 2); saved every `<stage>.checkpoint_every` steps and deleted once the stage succeeds.
     The step logger's buffered metrics are flushed before each save, so a killed attempt's MLflow
     run holds every step its last checkpoint covers (flows/resume.py copies them on resume)."""
     every = getattr(getattr(params, stage), "checkpoint_every", 0)
     flush = getattr(log, "flush", None)
-    return Checkpointer(paths.scratch(stage) / loop, every, stage_fingerprint(params, paths, stage), before_save=(lambda _: flush()) if flush else None)
+    return Checkpointer(
+        paths.scratch(stage) / loop,
+        every,
+        stage_fingerprint(params, paths, stage),
+        before_save=(lambda _: flush()) if flush else None,
+    )
 
 
 def log_resume(checkpoint: Checkpointer, what: str) -> None:
     if checkpoint.resumed_step:
-        run_logger().info("%s resumed from checkpoint step %d (%s)", what, checkpoint.resumed_step, checkpoint.directory)
+        run_logger().info(
+            "%s resumed from checkpoint step %d (%s)", what, checkpoint.resumed_step, checkpoint.directory
+        )
 
 
 def load_store(params: Params, paths: Paths) -> BlockStore:
@@ -112,10 +125,28 @@ def train_ict_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger)
     check_pretrain_top_k(params, store)  # before ICT trains for a pre-training that cannot run
     device = resolve_device(params.device)
     retriever = new_retriever(params)
-    run_logger().info("ICT on %d blocks (%d usable), %d steps of batch %d", len(store), sum(len(b.sentences) > 1 for b in store.blocks), params.ict.steps, params.ict.batch_size)
+    run_logger().info(
+        "ICT on %d blocks (%d usable), %d steps of batch %d",
+        len(store),
+        sum(len(b.sentences) > 1 for b in store.blocks),
+        params.ict.steps,
+        params.ict.batch_size,
+    )
     c = params.ict
     ckpt = stage_checkpointer(params, paths, "ict", "retriever", log)
-    train_ict(retriever, store, steps=c.steps, batch_size=c.batch_size, lr=c.lr, remove_prob=c.remove_prob, max_query_tokens=params.model.max_query_tokens, seed=params.seed, device=device, log=log, checkpoint=ckpt)
+    train_ict(
+        retriever,
+        store,
+        steps=c.steps,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        remove_prob=c.remove_prob,
+        max_query_tokens=params.model.max_query_tokens,
+        seed=params.seed,
+        device=device,
+        log=log,
+        checkpoint=ckpt,
+    )
     log_resume(ckpt, "ICT")
     save_retriever(retriever.cpu(), out_dir / "retriever")
     return out_dir / "retriever"
@@ -126,10 +157,22 @@ def warmup_mlm_head_task(params: Params, paths: Paths, out_dir: Path, log: StepL
     """Creates the encoder's MLM head (tied decoder) and warms it up; saves out_dir/encoder."""
     seed_everything(params.seed)
     store = load_store(params, paths)
-    encoder = KnowledgeAugmentedEncoder.from_backbone(backbone_dir(params.model.backbone), params.model.num_hidden_layers, copy=params.model.copy_head)
+    encoder = KnowledgeAugmentedEncoder.from_backbone(
+        backbone_dir(params.model.backbone), params.model.num_hidden_layers, copy=params.model.copy_head
+    )
     c = params.ict
     ckpt = stage_checkpointer(params, paths, "ict", "mlm_head", log)
-    warmup_mlm_head(encoder, store, steps=c.mlm_warmup_steps, batch_size=c.mlm_batch_size, lr=c.mlm_lr, seed=params.seed, device=resolve_device(params.device), log=log, checkpoint=ckpt)
+    warmup_mlm_head(
+        encoder,
+        store,
+        steps=c.mlm_warmup_steps,
+        batch_size=c.mlm_batch_size,
+        lr=c.mlm_lr,
+        seed=params.seed,
+        device=resolve_device(params.device),
+        log=log,
+        checkpoint=ckpt,
+    )
     log_resume(ckpt, "MLM head warm-up")
     save_encoder(encoder.cpu(), out_dir / "encoder")
     return out_dir / "encoder"
@@ -148,24 +191,47 @@ def warmup_encoder_task(params: Params, paths: Paths, out_dir: Path, log: StepLo
     encoder = load_encoder(out_dir / "encoder")
     q = pretraining_queries(store, params.pretrain, params.model.max_query_tokens, params.seed)
     c = params.encoder_warmup
-    run_logger().info("encoder warm-up: %d salient queries (%d with an answer-bearing block elsewhere), probe of %d held-out queries, %d steps",
-                      len(q.salient), sum(bool(e) for e in q.salient_evidence), len(q.probe), c.steps)
+    run_logger().info(
+        "encoder warm-up: %d salient queries (%d with an answer-bearing block elsewhere), probe of %d held-out queries, %d steps",
+        len(q.salient),
+        sum(bool(e) for e in q.salient_evidence),
+        len(q.probe),
+        c.steps,
+    )
     ckpt = stage_checkpointer(params, paths, "ict", "encoder", log)
-    summary = warmup_encoder(encoder, store, q.salient, q.salient_evidence, c, seed=params.seed, device=device, negatives=q.salient_negatives, log=log, checkpoint=ckpt, probe=q.probe)
+    summary = warmup_encoder(
+        encoder,
+        store,
+        q.salient,
+        q.salient_evidence,
+        c,
+        seed=params.seed,
+        device=device,
+        negatives=q.salient_negatives,
+        log=log,
+        checkpoint=ckpt,
+        probe=q.probe,
+    )
     log_resume(ckpt, "encoder warm-up")
     gain = summary.get("evidence_gain")
     if gain is not None:
         passed = gain >= c.min_evidence_gain
         summary["evidence_gain_gate_passed"] = float(passed)
         (run_logger().info if passed else run_logger().warning)(
-            "evidence gain on the probe: %.3f nats/token (gate %.2f: %s)", gain, c.min_evidence_gain, "passed" if passed else "NOT passed; the retriever will train on noise")
+            "evidence gain on the probe: %.3f nats/token (gate %.2f: %s)",
+            gain,
+            c.min_evidence_gain,
+            "passed" if passed else "NOT passed; the retriever will train on noise",
+        )
     save_encoder(encoder.cpu(), out_dir / "encoder")
     return summary
 
 
 def new_retriever(params: Params) -> Retriever:
     m = params.model
-    return Retriever.from_backbone(backbone_dir(m.backbone), m.num_hidden_layers, m.retriever_dim, m.pooling, shared=m.share_embedders)
+    return Retriever.from_backbone(
+        backbone_dir(m.backbone), m.num_hidden_layers, m.retriever_dim, m.pooling, shared=m.share_embedders
+    )
 
 
 def initial_retriever(params: Params, paths: Paths) -> Retriever:
@@ -186,22 +252,57 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     device = resolve_device(params.device)
     c = params.pretrain
     q = pretraining_queries(store, c, params.model.max_query_tokens, params.seed)
-    run_logger().info("%d of %d %s-masking queries kept (query_filter=%s), probe of %d held-out queries, over %d blocks; %s index refresh every %d steps",
-                      len(q.train), int(q.stats["queries_before_filter"]), c.masking, c.query_filter, len(q.probe), len(store), c.refresh_mode, c.refresh_every)
-    trainer = Pretrainer.from_params(initial_retriever(params, paths), load_encoder(paths.ict / "encoder"), store, c, device)
+    run_logger().info(
+        "%d of %d %s-masking queries kept (query_filter=%s), probe of %d held-out queries, over %d blocks; %s index refresh every %d steps",
+        len(q.train),
+        int(q.stats["queries_before_filter"]),
+        c.masking,
+        c.query_filter,
+        len(q.probe),
+        len(store),
+        c.refresh_mode,
+        c.refresh_every,
+    )
+    trainer = Pretrainer.from_params(
+        initial_retriever(params, paths), load_encoder(paths.ict / "encoder"), store, c, device
+    )
     kernel = resolve_embed_precision(params.index.embed_precision, device)
-    run_logger().info("index builds embed the blocks with %s (index.embed_precision=%s)", kernel, params.index.embed_precision)
-    refresher = make_refresher(c.refresh_every, c.refresh_mode, store, device, c.embed_batch_size, work_dir=paths.scratch("pretrain") / "refresh",
-                               lag=c.refresh_lag, max_staleness=c.max_staleness, threads=c.refresh_threads, precision=kernel)
+    run_logger().info(
+        "index builds embed the blocks with %s (index.embed_precision=%s)", kernel, params.index.embed_precision
+    )
+    refresher = make_refresher(
+        c.refresh_every,
+        c.refresh_mode,
+        store,
+        device,
+        c.embed_batch_size,
+        work_dir=paths.scratch("pretrain") / "refresh",
+        lag=c.refresh_lag,
+        max_staleness=c.max_staleness,
+        threads=c.refresh_threads,
+        precision=kernel,
+    )
     lag = c.refresh_lag if c.refresh_mode == "async" else 0
     planned = planned_refreshes(c.steps, c.refresh_every, lag)
     if c.refresh_every and planned == 0:
-        run_logger().warning("pretrain.steps=%d is too short for any index refresh (refresh_every=%d, refresh_lag=%d): the whole run "
-                             "retrieves from the initial index; raise steps or lower refresh_every", c.steps, c.refresh_every, lag)
+        run_logger().warning(
+            "pretrain.steps=%d is too short for any index refresh (refresh_every=%d, refresh_lag=%d): the whole run "
+            "retrieves from the initial index; raise steps or lower refresh_every",
+            c.steps,
+            c.refresh_every,
+            lag,
+        )
     elif c.refresh_every and c.refresh_mode == "async" and not lag:
-        run_logger().warning("pretrain.refresh_lag=0: indexes are swapped in whenever the builder finishes, so results depend on the machine's load")
+        run_logger().warning(
+            "pretrain.refresh_lag=0: indexes are swapped in whenever the builder finishes, so results depend on the machine's load"
+        )
     else:
-        run_logger().info("%d index refreshes planned (every %d steps, each swapped in %d steps after its snapshot)", planned, c.refresh_every, lag)
+        run_logger().info(
+            "%d index refreshes planned (every %d steps, each swapped in %d steps after its snapshot)",
+            planned,
+            c.refresh_every,
+            lag,
+        )
 
     best_dir = paths.scratch("pretrain") / "best"  # beside the checkpoints, so a resumed run keeps it
 
@@ -215,18 +316,52 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
 
     def dev_recall(index: DenseIndex) -> dict[str, float]:
         """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh)."""
-        recall = dense_recall(trainer.retriever.query, store, index, dev, recall_at=params.evaluate.recall_at, max_query_tokens=params.model.max_query_tokens, device=device)
+        recall = dense_recall(
+            trainer.retriever.query,
+            store,
+            index,
+            dev,
+            recall_at=params.evaluate.recall_at,
+            max_query_tokens=params.model.max_query_tokens,
+            device=device,
+        )
         return {f"dev_{k.replace('@', '_at_')}": v for k, v in recall.items()}  # MLflow names cannot hold "@"
 
     ckpt = stage_checkpointer(params, paths, "pretrain", "trainer", log)
-    summary = pretrain(trainer, q.train, c, refresher=refresher, seed=params.seed, log=log, on_best=save_best, checkpoint=ckpt, on_index=dev_recall, probe=q.probe)
+    summary = pretrain(
+        trainer,
+        q.train,
+        c,
+        refresher=refresher,
+        seed=params.seed,
+        log=log,
+        on_best=save_best,
+        checkpoint=ckpt,
+        on_index=dev_recall,
+        probe=q.probe,
+    )
     summary.update({k: v for k, v in q.stats.items() if k != "queries"})
     log_resume(ckpt, "pre-training")
     if best_dir.exists():
         shutil.copytree(best_dir, out_dir / "best")
-    write_json(out_dir / "refresh_log.json", {"mode": c.refresh_mode if c.refresh_every else "never", "refresh_every": c.refresh_every, "embed_precision": kernel, "refreshes": refresher.log()})
+    write_json(
+        out_dir / "refresh_log.json",
+        {
+            "mode": c.refresh_mode if c.refresh_every else "never",
+            "refresh_every": c.refresh_every,
+            "embed_precision": kernel,
+            "refreshes": refresher.log(),
+        },
+    )
     for r in refresher.records:
-        run_logger().info("index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s", r.snapshot_step, r.swap_step, r.staleness, r.build_seconds, r.wait_seconds)
+        run_logger().info(
+            "index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s",
+            r.snapshot_step,
+            r.swap_step,
+            r.staleness,
+            r.build_seconds,
+            r.wait_seconds,
+        )
     save_retriever(trainer.retriever.cpu(), out_dir / "retriever")
     save_encoder(trainer.encoder.cpu(), out_dir / "encoder")
     return summary
@@ -250,7 +385,18 @@ def finetune_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     questions = load_questions(paths.qa_train)
     run_logger().info("fine-tuning on %d questions over %d blocks", len(questions), len(model.store))
     ckpt = stage_checkpointer(params, paths, "finetune", "openqa", log)
-    summary = finetune(model, questions, steps=c.steps, batch_size=c.batch_size, lr=c.lr, retriever_top_k=c.retriever_top_k, reader_top_k=c.top_k, seed=params.seed, log=log, checkpoint=ckpt)
+    summary = finetune(
+        model,
+        questions,
+        steps=c.steps,
+        batch_size=c.batch_size,
+        lr=c.lr,
+        retriever_top_k=c.retriever_top_k,
+        reader_top_k=c.top_k,
+        seed=params.seed,
+        log=log,
+        checkpoint=ckpt,
+    )
     log_resume(ckpt, "fine-tuning")
     save_embedder(model.query.cpu(), out_dir / "query")
     save_reader(model.reader.cpu(), out_dir / "reader")

@@ -23,13 +23,13 @@ from safetensors.torch import save_model
 
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer
+from realm_core.config import PretrainParams
 from realm_core.finetune import OpenQA, Question, finetune
 from realm_core.ict import train_ict
 from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, SpanReader, load_tokenizer
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
-from realm_core.config import PretrainParams
 from realm_core.refresh import SyncRefresher
 
 CPU = torch.device("cpu")
@@ -43,7 +43,9 @@ QUESTIONS = [
 ]
 
 
-def run(stage: str, workdir: Path, every: int, delay: float = 0.0, steps: int = STEPS, fingerprint: str = "tiny", echo=print) -> dict:
+def run(
+    stage: str, workdir: Path, every: int, delay: float = 0.0, steps: int = STEPS, fingerprint: str = "tiny", echo=print
+) -> dict:
     """Train `stage` from the seed (resuming from WORKDIR/runs/<stage> when `every` > 0); return its result."""
     torch.set_num_threads(1)  # the same thread count in every process: identical float reductions
     random.seed(SEED)
@@ -65,18 +67,51 @@ def run(stage: str, workdir: Path, every: int, delay: float = 0.0, steps: int = 
     retriever = Retriever.from_backbone(workdir / "bert", None, 16)
     summary: dict[str, float] = {}
     if stage == "ict":
-        train_ict(retriever, store, steps=steps, batch_size=6, lr=1e-3, remove_prob=0.9, max_query_tokens=32, seed=SEED, device=CPU, log=log, checkpoint=ckpt)
+        train_ict(
+            retriever,
+            store,
+            steps=steps,
+            batch_size=6,
+            lr=1e-3,
+            remove_prob=0.9,
+            max_query_tokens=32,
+            seed=SEED,
+            device=CPU,
+            log=log,
+            checkpoint=ckpt,
+        )
         modules = {"retriever": retriever}
     elif stage == "pretrain":  # sync refresh every 4 steps: a resume at a checkpoint (every 4) rebuilds the same index
         encoder = KnowledgeAugmentedEncoder.from_backbone(workdir / "bert", None)
         trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
-        summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=steps, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3), refresher=SyncRefresher(store, CPU, 8, refresh_every=4), seed=SEED, log=log, checkpoint=ckpt)
+        summary = pretrain(
+            trainer,
+            salient_span_queries(store, 32, 10),
+            PretrainParams(steps=steps, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3),
+            refresher=SyncRefresher(store, CPU, 8, refresh_every=4),
+            seed=SEED,
+            log=log,
+            checkpoint=ckpt,
+        )
         modules = {"retriever": retriever, "encoder": encoder}
     else:
         reader = SpanReader(KnowledgeAugmentedEncoder.from_backbone(workdir / "bert", None).bert, hidden=16)
-        index = DenseIndex(embed_blocks(retriever.doc, store, CPU, progress=None), np.arange(len(store), dtype=np.int64))
+        index = DenseIndex(
+            embed_blocks(retriever.doc, store, CPU, progress=None), np.arange(len(store), dtype=np.int64)
+        )
         model = OpenQA(retriever.query, reader, store, index, device=CPU, max_query_tokens=32, max_span=10)
-        summary = finetune(model, QUESTIONS, steps=steps, batch_size=2, lr=1e-3, retriever_top_k=6, reader_top_k=3, seed=SEED, log=log, checkpoint=ckpt)
+        summary = finetune(
+            model,
+            QUESTIONS,
+            steps=steps,
+            batch_size=2,
+            lr=1e-3,
+            retriever_top_k=6,
+            reader_top_k=3,
+            seed=SEED,
+            log=log,
+            checkpoint=ckpt,
+        )
         modules = {"query": model.query, "reader": model.reader}
     summary = {k: v for k, v in summary.items() if "seconds" not in k}  # wall-clock differs from run to run
     result = {"start_step": ckpt.resumed_step, "losses": losses, "summary": summary}

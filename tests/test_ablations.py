@@ -6,17 +6,29 @@ import numpy as np
 import pytest
 import torch
 
-from realm_core.config import Params
+from realm_core.config import Params, ParamsError, PretrainParams
 from realm_core.io import InputError
-from realm_core.pretrain import Pretrainer, make_queries, pretrain, random_span_queries, random_token_queries, salient_span_queries
-from realm_core.config import PretrainParams
+from realm_core.pretrain import (
+    Pretrainer,
+    make_queries,
+    pretrain,
+    random_span_queries,
+    random_token_queries,
+    salient_span_queries,
+)
 from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
 
 def test_defaults_are_the_papers_choices():
     p = Params().pretrain
-    assert (p.masking, p.null_block, p.exclude_source, p.loss_form, p.retriever_init) == ("salient", True, True, "per_token", "ict")
+    assert (p.masking, p.null_block, p.exclude_source, p.loss_form, p.retriever_init) == (
+        "salient",
+        True,
+        True,
+        "per_token",
+        "ict",
+    )
 
 
 def _restored_sentence(store, q):
@@ -63,7 +75,14 @@ def test_without_the_null_block_all_k_candidates_are_retrieved_blocks_and_no_uti
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, null_block=False)
     queries = salient_span_queries(store, 32, 10)
     logged = []
-    summary = pretrain(trainer, queries, PretrainParams(steps=2, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=0), seed=0, log=lambda m, s: logged.append(m))
+    summary = pretrain(
+        trainer,
+        queries,
+        PretrainParams(steps=2, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+        refresher=SyncRefresher(store, CPU, 64, refresh_every=0),
+        seed=0,
+        log=lambda m, s: logged.append(m),
+    )
     out = trainer.forward(queries[:3])
     assert all(None not in c and len(c) == 3 and len(set(c)) == 3 for c in out["candidates"])
     assert "retrieval_utility" not in out and "null_prob" not in out
@@ -114,11 +133,19 @@ def test_retriever_init_bert_skips_the_ict_warm_start(tmp_path, tiny):
     from tasks.training import initial_retriever
 
     bert, _ = tiny
-    params = Params.model_validate({"model": {"backbone": str(bert), "num_hidden_layers": None, "retriever_dim": 16}, "pretrain": {"retriever_init": "bert"}})
+    params = Params.model_validate(
+        {
+            "model": {"backbone": str(bert), "num_hidden_layers": None, "retriever_dim": 16},
+            "pretrain": {"retriever_init": "bert"},
+        }
+    )
     fresh = initial_retriever(params, Paths(tmp_path))  # no data/ict here: a warm start would fail
     assert fresh.query.projection.out_features == 16
     with pytest.raises(InputError, match="ict/retriever"):
-        initial_retriever(params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"retriever_init": "ict"})}), Paths(tmp_path))
+        initial_retriever(
+            params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"retriever_init": "ict"})}),
+            Paths(tmp_path),
+        )
 
 
 def test_every_ablation_variant_is_a_valid_params_override():
@@ -132,10 +159,17 @@ def test_every_ablation_variant_is_a_valid_params_override():
     spec = importlib.util.spec_from_file_location("ablations", root / "bench" / "ablations.py")
     ablations = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablations)
-    assert {"no_copy_head", "no_encoder_warmup", "dropout_on", "no_null_bias", "all_queries", "shared_embedders"} <= set(ablations.VARIANTS)
+    assert {
+        "no_copy_head",
+        "no_encoder_warmup",
+        "dropout_on",
+        "no_null_bias",
+        "all_queries",
+        "shared_embedders",
+    } <= set(ablations.VARIANTS)
     for overrides in ablations.VARIANTS.values():
         check_overrides(root / "params.yaml", overrides)
-    with pytest.raises(Exception):
+    with pytest.raises(ParamsError, match="no_such_switch"):
         check_overrides(root / "params.yaml", ["pretrain.no_such_switch=true"])
 
 
@@ -145,7 +179,11 @@ def test_orqa_style_finetuning_starts_from_ict_and_never_reads_pretraining(tmp_p
     paths = Paths(tmp_path)
     assert Params().finetune.init == "pretrain"  # REALM's default
     realm, orqa = paths.finetune_start("pretrain"), paths.finetune_start("ict")
-    assert (realm.query, realm.doc, realm.encoder) == (paths.pretrain / "retriever" / "query", paths.pretrain / "retriever" / "doc", paths.pretrain / "encoder")
+    assert (realm.query, realm.doc, realm.encoder) == (
+        paths.pretrain / "retriever" / "query",
+        paths.pretrain / "retriever" / "doc",
+        paths.pretrain / "encoder",
+    )
     for part in (orqa.query, orqa.doc, orqa.encoder):
         assert paths.ict in part.parents and paths.pretrain not in part.parents
     with pytest.raises(ValueError, match="finetune.init"):

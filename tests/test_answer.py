@@ -36,7 +36,9 @@ def _brute_force_ranking(answerer: Answerer, question: str) -> tuple[np.ndarray,
     model = answerer.model
     with torch.no_grad():
         model.query.eval()
-        q = model.query(**query_batch(model.store, [model.store.query_ids(question, model.max_query_tokens)], model.device))[0].numpy()
+        q = model.query(
+            **query_batch(model.store, [model.store.query_ids(question, model.max_query_tokens)], model.device)
+        )[0].numpy()
     scores = model.index.embeddings @ q  # [N]
     order = np.argsort(-scores, kind="stable")
     return order, scores[order]
@@ -103,7 +105,9 @@ def test_the_evidence_always_shows_the_block_the_answer_came_from_at_its_rank():
             self.block = retrieved[answer_rank - 1]
 
         def predict(self, questions, reader_top_k, retrieve_k):
-            return [{"answer": "x", "score": 1.0, "block": self.block, "retrieved": retrieved, "retrieval_scores": scores}]
+            return [
+                {"answer": "x", "score": 1.0, "block": self.block, "retrieved": retrieved, "retrieval_scores": scores}
+            ]
 
     shown = answer_question(Reader(3), "q?", top_k=1, reader_top_k=4)
     assert [(e.rank, e.block_id) for e in shown.evidence] == [(1, 4), (3, 0)] and shown.block_id == 0

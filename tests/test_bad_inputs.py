@@ -190,7 +190,9 @@ def block_missing_key(p: Path):
 
 def backbone_gpt2(p: Path):
     config = p / "tinybert" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     from flows.pipeline import check_overrides  # what `realm run` checks before DVC starts any stage
 
     return lambda: check_overrides(p / "params.yaml", []), p / "tinybert"
@@ -205,14 +207,18 @@ def pretrain_top_k_over_corpus(p: Path):
     _set_param(p, "pretrain", "top_k", 50)  # the tiny corpus has 10 blocks
     from tasks.training import train_ict_task  # the first thing the ict stage does
 
-    return lambda: train_ict_task.fn(load_params(p / "params.yaml"), Paths(p), p / "out", null_logger), p / "data" / "corpus" / "blocks.jsonl"
+    return lambda: train_ict_task.fn(
+        load_params(p / "params.yaml"), Paths(p), p / "out", null_logger
+    ), p / "data" / "corpus" / "blocks.jsonl"
 
 
 def corpus_of_short_passages(p: Path):
     bad = _write(p / "short.tsv", "id\ttext\ttitle\n1\tHello world\tA\n2\tGood day\tB\n3\tParis rocks\tC\n")
     _set_param(p, "corpus", "source", str(bad))
     params = load_params(p / "params.yaml")
-    return lambda: build_corpus(params.corpus, load_tokenizer(backbone_dir(params.model.backbone)), 0, p / "out", p), bad
+    return lambda: build_corpus(
+        params.corpus, load_tokenizer(backbone_dir(params.model.backbone)), 0, p / "out", p
+    ), bad
 
 
 def corpus_without_salient_spans(p: Path):
@@ -230,14 +236,18 @@ def corpus_without_cloze_questions(p: Path):
 
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
-SAFETENSORS_ENOSPC = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+SAFETENSORS_ENOSPC = SafetensorError(
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
 
 
 def disk_full_saving_weights(p: Path):
     embedder, out = load_embedder(p / "data" / "finetune" / "query"), p / "data" / "pretrain" / "retriever" / "query"
 
     def save():
-        with mock.patch("realm_core.modeling.save_file", side_effect=SAFETENSORS_ENOSPC):  # what safetensors raises on a full disk
+        with mock.patch(
+            "realm_core.modeling.save_file", side_effect=SAFETENSORS_ENOSPC
+        ):  # what safetensors raises on a full disk
             save_embedder(embedder, out)
 
     return save, out / "model.safetensors"
@@ -283,27 +293,72 @@ ROWS = [
     Bad("params.yaml not valid YAML (bad indentation)", params_not_yaml, 4, "fix the syntax there"),
     Bad("params.yaml section given a number", params_section_not_mapping, 3, "valid dictionary"),
     Bad("model.backbone: a directory that does not exist", backbone_missing, None, "give a local directory"),
-    Bad("backbone directory without vocab.txt / tokenizer.json", backbone_without_vocab, None, "copy the checkpoint's vocabulary files"),
-    Bad("backbone with pickled pytorch_model.bin only", backbone_pickle_only, None, "pickled pytorch_model.bin is refused"),
+    Bad(
+        "backbone directory without vocab.txt / tokenizer.json",
+        backbone_without_vocab,
+        None,
+        "copy the checkpoint's vocabulary files",
+    ),
+    Bad(
+        "backbone with pickled pytorch_model.bin only",
+        backbone_pickle_only,
+        None,
+        "pickled pytorch_model.bin is refused",
+    ),
     Bad("backbone model.safetensors truncated", backbone_corrupt_safetensors, None, "fix or replace the directory"),
     Bad("fine-tuned query embedder directory missing", finetune_dir_missing_query, None, "`realm run`"),
-    Bad("fine-tuned reader model.safetensors truncated", reader_truncated_safetensors, None, "rerun the stage that writes it"),
+    Bad(
+        "fine-tuned reader model.safetensors truncated",
+        reader_truncated_safetensors,
+        None,
+        "rerun the stage that writes it",
+    ),
     Bad("fine-tuned realm.json cut short (corrupt)", query_realm_json_corrupt, None, "rerun the stage that writes it"),
     Bad("reader directory holds an Embedder", reader_dir_holds_another_model, None, "give the SpanReader's directory"),
     Bad("index.faiss corrupted", index_faiss_corrupt, None, "`dvc repro -f finetune`"),
-    Bad("index of 5 vectors for 10 blocks (size mismatch)", index_over_other_blocks, None, "rebuild it (`dvc repro -f finetune`)"),
+    Bad(
+        "index of 5 vectors for 10 blocks (size mismatch)",
+        index_over_other_blocks,
+        None,
+        "rebuild it (`dvc repro -f finetune`)",
+    ),
     Bad("blocks.jsonl block longer than corpus.max_block_tokens", block_longer_than_limit, 4, "`dvc repro -f corpus`"),
     Bad("blocks.jsonl record without 'sentences'", block_missing_key, 2, "`dvc repro corpus`"),
-    Bad("model.backbone: a GPT-2 directory (realm run's params check)", backbone_gpt2, None, "the accepted model_type is 'bert'"),
+    Bad(
+        "model.backbone: a GPT-2 directory (realm run's params check)",
+        backbone_gpt2,
+        None,
+        "the accepted model_type is 'bert'",
+    ),
     Bad("model.backbone: a directory without config.json", backbone_without_config, None, "has no config.json"),
-    Bad("pretrain.top_k=50 over a corpus of 10 blocks (ict stage start)", pretrain_top_k_over_corpus, None, "set pretrain.top_k to at most 10"),
-    Bad("corpus of passages under 3 words (no ICT sentences)", corpus_of_short_passages, None, "give passages of several full sentences each"),
-    Bad("corpus without a named entity or date (no pseudo-queries)", corpus_without_salient_spans, None, "give passages of ordinary prose"),
+    Bad(
+        "pretrain.top_k=50 over a corpus of 10 blocks (ict stage start)",
+        pretrain_top_k_over_corpus,
+        None,
+        "set pretrain.top_k to at most 10",
+    ),
+    Bad(
+        "corpus of passages under 3 words (no ICT sentences)",
+        corpus_of_short_passages,
+        None,
+        "give passages of several full sentences each",
+    ),
+    Bad(
+        "corpus without a named entity or date (no pseudo-queries)",
+        corpus_without_salient_spans,
+        None,
+        "give passages of ordinary prose",
+    ),
     Bad("corpus that yields no cloze questions", corpus_without_cloze_questions, None, "raise corpus.qa_fraction"),
     Bad("disk full while saving weights (safetensors)", disk_full_saving_weights, None, "no space left on device"),
     Bad("disk full while saving a checkpoint", disk_full_saving_a_checkpoint, None, "checkpoint_every"),
     Bad("disk full while writing a JSON file", disk_full_writing_json, None, "free space on that disk"),
-    Bad("disk full while saving an index (inside a stage's atomic output directory)", disk_full_saving_an_index, None, "free space on that disk"),
+    Bad(
+        "disk full while saving an index (inside a stage's atomic output directory)",
+        disk_full_saving_an_index,
+        None,
+        "free space on that disk",
+    ),
 ]
 
 
@@ -365,7 +420,14 @@ def test_realm_stage_on_bad_params_exits_nonzero_and_keeps_earlier_outputs(tmp_p
     earlier = _write(tmp_path / "data" / "corpus" / "blocks.jsonl", '{"id": 0, "title": "kept"}\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "corpus"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "corpus"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert f"{tmp_path / 'params.yaml'}:{at + 1}: 'corpus.max_block_tokens'" in out.stderr
     assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1
@@ -376,14 +438,24 @@ def test_realm_stage_on_bad_params_exits_nonzero_and_keeps_earlier_outputs(tmp_p
 def test_realm_stage_refuses_a_gpt2_backbone_before_prefect_starts(tmp_path):
     """CLI level: `realm stage ict` with model.backbone a GPT-2 directory stops with one message
     naming the directory and its model_type, before any flow runs (ICT used to train a random BERT)."""
-    gpt2 = _write(tmp_path / "gpt2" / "config.json", json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 12})).parent
+    gpt2 = _write(
+        tmp_path / "gpt2" / "config.json",
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 12}),
+    ).parent
     params = load_params(ROOT / "params.yaml").model_dump()
     params["model"]["backbone"] = str(gpt2)
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "ict"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "ict"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert f"{gpt2} holds model_type 'gpt2'" in out.stderr and "the accepted model_type is 'bert'" in out.stderr
     assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1
@@ -401,14 +473,35 @@ def test_a_full_disk_leaves_no_temporary_file_behind(project):
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, as Excel and Notepad write it
-SQUAD = {"data": [{"title": "Athens", "paragraphs": [{"context": "Socrates taught in Athens.", "qas": [
-    {"id": "q1", "question": "Who taught in Athens?", "answers": [{"text": "Socrates", "answer_start": 0}]}]}]}]}
+SQUAD = {
+    "data": [
+        {
+            "title": "Athens",
+            "paragraphs": [
+                {
+                    "context": "Socrates taught in Athens.",
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "Who taught in Athens?",
+                            "answers": [{"text": "Socrates", "answer_start": 0}],
+                        }
+                    ],
+                }
+            ],
+        }
+    ]
+}
 
 
 @pytest.mark.parametrize(
     "name, text, read",
     [
-        ("corpus.tsv", "id\ttext\ttitle\n1\tSocrates taught in Athens.\tAthens\n", read_tsv),  # the header was read as passage '\ufeffid'
+        (
+            "corpus.tsv",
+            "id\ttext\ttitle\n1\tSocrates taught in Athens.\tAthens\n",
+            read_tsv,
+        ),  # the header was read as passage '\ufeffid'
         ("headless.tsv", "1\tSocrates taught in Athens.\tAthens\n", read_tsv),
         ("corpus.jsonl", '{"id": 1, "title": "Athens", "text": "Socrates taught in Athens."}\n', read_jsonl_corpus),
         ("qa.jsonl", GOOD_QA, read_questions),

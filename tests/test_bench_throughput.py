@@ -25,7 +25,10 @@ from tests.conftest import CPU
 from tests.tiny import make_tiny_bert, write_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = [{"question": "what is the capital of france?", "answer": ["Paris"]}, {"question": "when did the berlin wall fall?", "answer": ["1989"]}]
+QUESTIONS = [
+    {"question": "what is the capital of france?", "answer": ["Paris"]},
+    {"question": "when did the berlin wall fall?", "answer": ["1989"]},
+]
 
 
 def _load_bench():
@@ -42,11 +45,21 @@ def _mlflow_store(uri: str, experiment: str) -> None:
     client = MlflowClient(uri)
     exp = client.create_experiment(experiment)
     t0 = int(time.time() * 1000) - 3_600_000
-    for name, command, stages in (("pipeline-a", "dvc repro", {"ict": 30, "pretrain": 50}), ("abl-x", "dvc exp run --temp", {"pretrain": 99})):
-        parent = client.create_run(exp, run_name=name, start_time=t0, tags={"realm.stage": "pipeline", "dvc.command": command})
+    for name, command, stages in (
+        ("pipeline-a", "dvc repro", {"ict": 30, "pretrain": 50}),
+        ("abl-x", "dvc exp run --temp", {"pretrain": 99}),
+    ):
+        parent = client.create_run(
+            exp, run_name=name, start_time=t0, tags={"realm.stage": "pipeline", "dvc.command": command}
+        )
         start = t0 + 1000
         for stage, seconds in stages.items():
-            kid = client.create_run(exp, run_name=stage, start_time=start, tags={"realm.stage": stage, "mlflow.parentRunId": parent.info.run_id})
+            kid = client.create_run(
+                exp,
+                run_name=stage,
+                start_time=start,
+                tags={"realm.stage": stage, "mlflow.parentRunId": parent.info.run_id},
+            )
             client.set_terminated(kid.info.run_id, end_time=start + seconds * 1000)
             start += seconds * 1000 + 1000
         client.set_terminated(parent.info.run_id, end_time=start + 5000)
@@ -58,7 +71,12 @@ def tiny_project(tmp_path_factory):
     """Tiny stand-ins for what the pipeline leaves in data/: blocks, ICT and pre-training outputs, the index, questions."""
     root = tmp_path_factory.mktemp("throughput")
     bert = make_tiny_bert(root / "bert")
-    params = Params.model_validate({"model": {"backbone": str(bert), "num_hidden_layers": None, "max_query_tokens": 32}, "corpus": {"max_block_tokens": 64}})
+    params = Params.model_validate(
+        {
+            "model": {"backbone": str(bert), "num_hidden_layers": None, "max_query_tokens": 32},
+            "corpus": {"max_block_tokens": 64},
+        }
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     store = BlockStore.load(write_blocks(root / "blocks.jsonl"), load_tokenizer(bert), 64)
     torch.manual_seed(0)
@@ -75,12 +93,34 @@ def test_quick_run_writes_every_section_with_finite_positive_ratios(tiny_project
     root, store = tiny_project
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     threads = torch.get_num_threads()
-    with mock.patch.dict(os.environ, {"PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_EXPERIMENT_NAME": "realm-pipeline"}):
+    with mock.patch.dict(
+        os.environ, {"PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_EXPERIMENT_NAME": "realm-pipeline"}
+    ):
         _mlflow_store(uri, "realm-pipeline")
         out_file = tmp_path / "throughput.json"
-        argv = ["--quick", "--threads", "1", "--params", str(root / "params.yaml"), "--blocks", str(root / "blocks.jsonl"), "--doc", str(root / "pretrain" / "retriever" / "doc"),
-                "--ict", str(root / "ict"), "--pretrained", str(root / "pretrain"), "--index", str(root / "index"), "--qa", str(root / "qa.jsonl"),
-                "--tracking-uri", uri, "--out", str(out_file)]
+        argv = [
+            "--quick",
+            "--threads",
+            "1",
+            "--params",
+            str(root / "params.yaml"),
+            "--blocks",
+            str(root / "blocks.jsonl"),
+            "--doc",
+            str(root / "pretrain" / "retriever" / "doc"),
+            "--ict",
+            str(root / "ict"),
+            "--pretrained",
+            str(root / "pretrain"),
+            "--index",
+            str(root / "index"),
+            "--qa",
+            str(root / "qa.jsonl"),
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(out_file),
+        ]
         try:
             _load_bench().main(argv)
         finally:
@@ -89,8 +129,22 @@ def test_quick_run_writes_every_section_with_finite_positive_ratios(tiny_project
 
     assert {"meta", "ratios", "gemm", "embed", "pretrain", "finetune", "stages"} <= set(out)
     assert out["meta"]["quick"] is True and out["gemm"]["flops_per_second"] > 0
-    expected = {f"embed.{m}.{r}" for m in ("doc", "backbone") for r in ("achieved_over_gemm_limit", "ours_over_sentence_transformers", "ours_with_tokenising_over_sentence_transformers")}
-    expected |= {"pretrain.async_over_sync_steps_per_second", "finetune.batched_over_single_questions_per_second", "stages.ict.share", "stages.pretrain.share", "stages.outside_stage_flows.share"}
+    expected = {
+        f"embed.{m}.{r}"
+        for m in ("doc", "backbone")
+        for r in (
+            "achieved_over_gemm_limit",
+            "ours_over_sentence_transformers",
+            "ours_with_tokenising_over_sentence_transformers",
+        )
+    }
+    expected |= {
+        "pretrain.async_over_sync_steps_per_second",
+        "finetune.batched_over_single_questions_per_second",
+        "stages.ict.share",
+        "stages.pretrain.share",
+        "stages.outside_stage_flows.share",
+    }
     assert expected <= set(out["ratios"])
     for name, value in out["ratios"].items():
         assert math.isfinite(value) and value > 0, f"{name} = {value}"
@@ -104,11 +158,16 @@ def test_quick_run_writes_every_section_with_finite_positive_ratios(tiny_project
     assert [r["mode"] for r in out["pretrain"]["rows"]] == ["sync", "async"]
     for row in out["pretrain"]["rows"]:
         assert row["steps"] == 3 and 0 <= row["wait_fraction"] < 1 and row["loop_seconds"] > 0
-    assert out["pretrain"]["rows"][0]["refreshes_swapped_in"] == 1  # sync at step 2 of 0..2 (refresh_every 2 in --quick)
+    assert (
+        out["pretrain"]["rows"][0]["refreshes_swapped_in"] == 1
+    )  # sync at step 2 of 0..2 (refresh_every 2 in --quick)
     single, batched = sorted(out["finetune"]["rows"], key=lambda r: r["batch_size"])
     assert single["batch_size"] == 1 and single["questions"] == batched["questions"]  # the same number of questions
     stages = {r["stage"]: r["seconds"] for r in out["stages"]["rows"]}
-    assert stages == {"ict": pytest.approx(30), "pretrain": pytest.approx(50)}  # the experiment's 99 s pretrain is not the default pipeline
+    assert stages == {
+        "ict": pytest.approx(30),
+        "pretrain": pytest.approx(50),
+    }  # the experiment's 99 s pretrain is not the default pipeline
     assert out["stages"]["overhead"]["pipeline_run"] == "pipeline-a"
 
 

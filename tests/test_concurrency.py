@@ -55,7 +55,14 @@ def test_two_pipelines_at_once_keep_separate_complete_runs_in_one_sqlite_store(t
     env.pop("REALM_MLFLOW_PARENT_RUN_ID", None)
     seeds = {"workspace-a": 101, "workspace-b": 202}
     procs = {
-        name: subprocess.Popen([sys.executable, "-c", PIPELINE, str(_workspace(tmp_path, name, seed))], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, "-c", PIPELINE, str(_workspace(tmp_path, name, seed))],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name, seed in seeds.items()
     }
     outputs = {name: p.communicate(timeout=300) for name, p in procs.items()}
@@ -78,7 +85,9 @@ def test_two_pipelines_at_once_keep_separate_complete_runs_in_one_sqlite_store(t
             assert child.data.params["seed"] == str(seeds[name])  # its own workspace's params, not the other's
             for key in ("loss", "seed"):
                 history = client.get_metric_history(child.info.run_id, key)
-                assert sorted(m.step for m in history) == list(range(STEPS)), f"{name}/{child.data.tags['realm.stage']}/{key}"
+                assert sorted(m.step for m in history) == list(range(STEPS)), (
+                    f"{name}/{child.data.tags['realm.stage']}/{key}"
+                )
             assert {m.value for m in client.get_metric_history(child.info.run_id, "seed")} == {float(seeds[name])}
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

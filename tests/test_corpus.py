@@ -29,12 +29,12 @@ from realm_core.corpus import (
     subsample,
 )
 from realm_core.finetune import load_questions
-from realm_core.questions import MASK, make_cloze_questions
 from realm_core.io import InputError
 from realm_core.metrics import has_answer
 from realm_core.modeling import backbone_dir, load_tokenizer
+from realm_core.questions import MASK, make_cloze_questions
 
-GOOD_TSV = "id\ttext\ttitle\n1\tParis is the capital of France.\tParis\n2\t\"Berlin is \"\"big\"\".\"\tBerlin\n"
+GOOD_TSV = 'id\ttext\ttitle\n1\tParis is the capital of France.\tParis\n2\t"Berlin is ""big""."\tBerlin\n'
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +173,16 @@ def test_date_regex() -> None:
 
 
 def test_merge_spans_keeps_longer() -> None:
-    assert merge_spans([(0, 4, "DATE"), (0, 13, "DATE"), (20, 26, "PERSON"), (22, 30, "ORG")]) == [(0, 13, "DATE"), (22, 30, "ORG")]
+    assert merge_spans([(0, 4, "DATE"), (0, 13, "DATE"), (20, 26, "PERSON"), (22, 30, "ORG")]) == [
+        (0, 13, "DATE"),
+        (22, 30, "ORG"),
+    ]
 
 
 def test_salient_spans_have_dates_and_people() -> None:
-    text = "The Berlin Wall fell in 1989. Albert Einstein was born in Ulm on 14 March 1879. He moved to the United States."
+    text = (
+        "The Berlin Wall fell in 1989. Albert Einstein was born in Ulm on 14 March 1879. He moved to the United States."
+    )
     ((sentences, spans),) = analyse([Passage("x", "Physics", text)], progress=None)
     found = {(text[s:e], label) for s, e, label in spans}
     assert ("1989", "DATE") in found and ("14 March 1879", "DATE") in found
@@ -286,24 +291,51 @@ def test_given_question_files_replace_cloze(blocks, tokenizer, tmp_path: Path) -
 
 
 def test_extra_question_files_are_added_to_the_cloze_training_questions_only(blocks, tokenizer, tmp_path: Path) -> None:
-    nq = _write(tmp_path, "nq.jsonl", '{"question": "who wrote hamlet", "answer": ["Shakespeare"]}\n{"question": "capital of peru", "answer": ["Lima"]}\n')
+    nq = _write(
+        tmp_path,
+        "nq.jsonl",
+        '{"question": "who wrote hamlet", "answer": ["Shakespeare"]}\n{"question": "capital of peru", "answer": ["Lima"]}\n',
+    )
     dpr = _write(tmp_path, "wq.qa.csv", "where is rome\t['Italy']\n")
     cloze = finish_corpus(blocks, CorpusParams(qa_fraction=0.3), tokenizer, 4, tmp_path / "cloze", n_passages=48)
-    stats = finish_corpus(blocks, CorpusParams(qa_fraction=0.3, qa_train_extra=[str(nq), str(dpr)]), tokenizer, 4, tmp_path / "out", n_passages=48)
-    assert stats["qa_train_extra"] == 3 and stats["qa_train"] == cloze["qa_train"] + 3 and stats["qa_dev"] == cloze["qa_dev"]
+    stats = finish_corpus(
+        blocks,
+        CorpusParams(qa_fraction=0.3, qa_train_extra=[str(nq), str(dpr)]),
+        tokenizer,
+        4,
+        tmp_path / "out",
+        n_passages=48,
+    )
+    assert (
+        stats["qa_train_extra"] == 3
+        and stats["qa_train"] == cloze["qa_train"] + 3
+        and stats["qa_dev"] == cloze["qa_dev"]
+    )
     questions = [q.question for q in load_questions(tmp_path / "out" / "qa_train.jsonl")]
     assert questions[-3:] == ["who wrote hamlet", "capital of peru", "where is rome"]
     assert "where is rome" not in {q.question for q in load_questions(tmp_path / "out" / "qa_dev.jsonl")}
     with pytest.raises(InputError, match="missing.jsonl: corpus.qa_train_extra file not found"):
-        finish_corpus(blocks, CorpusParams(qa_train_extra=[str(tmp_path / "missing.jsonl")]), tokenizer, 4, tmp_path / "o4", 48)
+        finish_corpus(
+            blocks, CorpusParams(qa_train_extra=[str(tmp_path / "missing.jsonl")]), tokenizer, 4, tmp_path / "o4", 48
+        )
 
 
 def test_build_corpus_from_jsonl(tokenizer, tmp_path: Path) -> None:
     rows = [
-        {"id": i, "title": city, "text": f"{city} is a city in {country}. It was founded in {year} by settlers. {person} lived in {city}."}
+        {
+            "id": i,
+            "title": city,
+            "text": f"{city} is a city in {country}. It was founded in {year} by settlers. {person} lived in {city}.",
+        }
         for i, (city, country, year, person) in enumerate(
-            [("Lyon", "France", 1043, "Marie Curie"), ("Porto", "Portugal", 1120, "Pedro Alvares"), ("Graz", "Austria", 1128, "Arnold Schwarzenegger"),
-             ("Bergen", "Norway", 1070, "Edvard Grieg"), ("Cork", "Ireland", 1180, "Michael Collins"), ("Turin", "Italy", 1028, "Primo Levi")]
+            [
+                ("Lyon", "France", 1043, "Marie Curie"),
+                ("Porto", "Portugal", 1120, "Pedro Alvares"),
+                ("Graz", "Austria", 1128, "Arnold Schwarzenegger"),
+                ("Bergen", "Norway", 1070, "Edvard Grieg"),
+                ("Cork", "Ireland", 1180, "Michael Collins"),
+                ("Turin", "Italy", 1028, "Primo Levi"),
+            ]
         )
     ]
     source = _write(tmp_path, "small.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

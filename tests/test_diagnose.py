@@ -30,13 +30,38 @@ def test_diagnose_reports_the_probe_gains_of_each_stage_and_the_candidates(tiny,
     bert, _ = tiny
     data = tmp_path / "data"
     (data / "corpus").mkdir(parents=True)
-    rows = [{"id": b.id, "passage_id": b.title, "title": b.title, "text": b.text, "sentences": b.sentences, "spans": b.spans} for b in _blocks()]
+    rows = [
+        {
+            "id": b.id,
+            "passage_id": b.title,
+            "title": b.title,
+            "text": b.text,
+            "sentences": b.sentences,
+            "spans": b.spans,
+        }
+        for b in _blocks()
+    ]
     (data / "corpus" / "blocks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"model": {"backbone": str(bert), "num_hidden_layers": None, "max_query_tokens": 32, "retriever_dim": 16},
-                                      "corpus": {"max_block_tokens": 64}, "pretrain": {"probe_size": 2, "top_k": 3}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "backbone": str(bert),
+                    "num_hidden_layers": None,
+                    "max_query_tokens": 32,
+                    "retriever_dim": 16,
+                },
+                "corpus": {"max_block_tokens": 64},
+                "pretrain": {"probe_size": 2, "top_k": 3},
+            }
+        )
+    )
     torch.manual_seed(0)
-    encoders = {stage: KnowledgeAugmentedEncoder.from_backbone(bert, None, copy=stage == "pretrain") for stage in ("ict", "pretrain")}
+    encoders = {
+        stage: KnowledgeAugmentedEncoder.from_backbone(bert, None, copy=stage == "pretrain")
+        for stage in ("ict", "pretrain")
+    }
     for stage, encoder in encoders.items():
         save_encoder(encoder, data / stage / "encoder")
     save_retriever(Retriever.from_backbone(bert, None, 16), data / "pretrain" / "retriever")
@@ -50,7 +75,11 @@ def test_diagnose_reports_the_probe_gains_of_each_stage_and_the_candidates(tiny,
     assert out["probe_queries"] == len(probe) > 0
     for stage, encoder in encoders.items():
         row = out["stages"][stage]
-        assert math.isclose(row["evidence_gain"], probe.evidence_gain(encoder, store, torch.device("cpu")), abs_tol=1e-5)
+        assert math.isclose(
+            row["evidence_gain"], probe.evidence_gain(encoder, store, torch.device("cpu")), abs_tol=1e-5
+        )
         assert all(math.isfinite(row[k]) for k in ("source_block_gain", "random_block_gain"))
-    assert out["stages"]["pretrain"]["evidence_gain"] > out["stages"]["ict"]["evidence_gain"]  # the copy head reads the answer off the block
+    assert (
+        out["stages"]["pretrain"]["evidence_gain"] > out["stages"]["ict"]["evidence_gain"]
+    )  # the copy head reads the answer off the block
     assert 0.0 <= out["stages"]["pretrain"]["answer_bearing_in_candidates"] <= 1.0

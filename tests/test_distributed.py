@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file, save_model
 from realm_core import distributed
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer, latest_checkpoint
+from realm_core.config import PretrainParams
 from realm_core.finetune import OpenQA, Question, finetune
 from realm_core.ict import ict_candidates, ict_example, ict_logits, train_ict
 from realm_core.index import DenseIndex
@@ -41,7 +42,6 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
-from realm_core.config import PretrainParams
 from realm_core.refresh import SharedRefresher, make_refresher
 from tests.tiny import make_tiny_bert, write_blocks
 
@@ -102,7 +102,18 @@ def _train_all(root: Path, out: Path) -> None:
 
     def ict(dtype: torch.dtype, key: str) -> Retriever:
         retriever = load_retriever(root / "init" / "retriever").to(dtype)
-        train_ict(retriever, store, steps=STEPS, batch_size=4, lr=1e-3, remove_prob=0.9, max_query_tokens=32, seed=SEED, device=CPU, log=logger(key, "ict_loss"))
+        train_ict(
+            retriever,
+            store,
+            steps=STEPS,
+            batch_size=4,
+            lr=1e-3,
+            remove_prob=0.9,
+            max_query_tokens=32,
+            seed=SEED,
+            device=CPU,
+            log=logger(key, "ict_loss"),
+        )
         return retriever
 
     ict(torch.float32, "ict32")
@@ -113,21 +124,60 @@ def _train_all(root: Path, out: Path) -> None:
         logits, labels = ict_logits(retriever, distributed.shard(examples), store, CPU)
     save_file({"logits": logits, "labels": labels}, str(out / f"logits-rank{distributed.rank()}.safetensors"))
 
-    trainer = Pretrainer(load_retriever(root / "init" / "retriever").double(), load_encoder(root / "init" / "encoder").double(), store, top_k=3, device=CPU)
+    trainer = Pretrainer(
+        load_retriever(root / "init" / "retriever").double(),
+        load_encoder(root / "init" / "encoder").double(),
+        store,
+        top_k=3,
+        device=CPU,
+    )
     refresher = make_refresher(1, "sync", store, CPU, 8, work_dir=out / "refresh")
-    pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=2, batch_size=4, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=1), refresher=refresher, seed=PRETRAIN_SEED, log=logger("pretrain", "loss"))
+    pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=2, batch_size=4, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=1),
+        refresher=refresher,
+        seed=PRETRAIN_SEED,
+        log=logger("pretrain", "loss"),
+    )
     shared = isinstance(refresher, SharedRefresher)
 
     init = load_retriever(root / "init" / "retriever")
     index = DenseIndex(embed_blocks(init.doc, store, CPU, progress=None), np.arange(len(store), dtype=np.int64))
-    model = OpenQA(init.query.double(), load_reader(root / "init" / "reader").double(), store, index, device=CPU, max_query_tokens=32, max_span=10)
+    model = OpenQA(
+        init.query.double(),
+        load_reader(root / "init" / "reader").double(),
+        store,
+        index,
+        device=CPU,
+        max_query_tokens=32,
+        max_span=10,
+    )
     model.block_embeddings = model.block_embeddings.double()
-    finetune(model, QUESTIONS, steps=2, batch_size=4, lr=1e-3, retriever_top_k=6, reader_top_k=3, seed=SEED, log=logger("finetune", "loss"))
+    finetune(
+        model,
+        QUESTIONS,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        retriever_top_k=6,
+        reader_top_k=3,
+        seed=SEED,
+        log=logger("finetune", "loss"),
+    )
 
     if distributed.is_master():
-        for name, module in {"ict": retriever, "pretrain_retriever": trainer.retriever, "pretrain_encoder": trainer.encoder, "finetune_query": model.query, "finetune_reader": model.reader}.items():
+        for name, module in {
+            "ict": retriever,
+            "pretrain_retriever": trainer.retriever,
+            "pretrain_encoder": trainer.encoder,
+            "finetune_query": model.query,
+            "finetune_reader": model.reader,
+        }.items():
             save_model(module, str(out / f"{name}.safetensors"))
-        (out / "losses.json").write_text(json.dumps({**losses, "shared_refresher": shared, "refresh_records": len(refresher.records)}))
+        (out / "losses.json").write_text(
+            json.dumps({**losses, "shared_refresher": shared, "refresh_records": len(refresher.records)})
+        )
 
 
 def _ict_from_checkpoint(root: Path, store: BlockStore, ckpt: Checkpointer, attempt: int) -> Retriever:
@@ -136,7 +186,18 @@ def _ict_from_checkpoint(root: Path, store: BlockStore, ckpt: Checkpointer, atte
     torch.manual_seed(100 + 7 * attempt)
     retriever = Retriever.from_backbone(root / "bert-dropout", None, 16)
     torch.manual_seed(SEED + distributed.rank() + 7 * attempt)  # dropout differs per rank
-    train_ict(retriever, store, steps=4, batch_size=4, lr=1e-3, remove_prob=0.9, max_query_tokens=32, seed=SEED, device=CPU, checkpoint=ckpt)
+    train_ict(
+        retriever,
+        store,
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        remove_prob=0.9,
+        max_query_tokens=32,
+        seed=SEED,
+        device=CPU,
+        checkpoint=ckpt,
+    )
     return retriever
 
 
@@ -158,7 +219,16 @@ def _resume_ict(root: Path, out: Path) -> None:
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     """One rank, with the environment torchrun would give it."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     distributed.setup("cpu", timeout_minutes=2)
     try:
         _train_all(Path(root), Path(root) / "ddp")
@@ -176,7 +246,9 @@ def _free_port() -> int:
 def _no_dropout_bert(directory: Path) -> Path:
     make_tiny_bert(directory)
     config = json.loads((directory / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # one process must see the same network as two
+    config.update(
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )  # one process must see the same network as two
     (directory / "config.json").write_text(json.dumps(config))
     return directory
 
@@ -189,10 +261,14 @@ def runs(tmp_path_factory) -> Path:
     make_tiny_bert(root / "bert-dropout")
     write_blocks(root / "blocks.jsonl")
     torch.manual_seed(0)
-    save_retriever(Retriever.from_backbone(bert, None, 16, pooling="mean"), root / "init" / "retriever")  # poolers unused: DDP must leave them alone
+    save_retriever(
+        Retriever.from_backbone(bert, None, 16, pooling="mean"), root / "init" / "retriever"
+    )  # poolers unused: DDP must leave them alone
     encoder = KnowledgeAugmentedEncoder.from_backbone(bert, None)
     save_encoder(encoder, root / "init" / "encoder")
-    save_reader(SpanReader(KnowledgeAugmentedEncoder.from_backbone(bert, None).bert, hidden=16), root / "init" / "reader")
+    save_reader(
+        SpanReader(KnowledgeAugmentedEncoder.from_backbone(bert, None).bert, hidden=16), root / "init" / "reader"
+    )
     mp.spawn(_worker, args=(WORLD, _free_port(), str(root)), nprocs=WORLD, join=True)
     threads = torch.get_num_threads()
     try:
@@ -217,12 +293,16 @@ def test_losses_match_one_process_on_the_same_global_batch(runs, stage):
     np.testing.assert_allclose(ddp[stage], single[stage], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("module", ["ict", "pretrain_retriever", "pretrain_encoder", "finetune_query", "finetune_reader"])
+@pytest.mark.parametrize(
+    "module", ["ict", "pretrain_retriever", "pretrain_encoder", "finetune_query", "finetune_reader"]
+)
 def test_weights_after_ddp_steps_match_one_process(runs, module):
     """Gradients averaged by DDP, ICT's through the gathered negatives too: the same update as one process."""
     ict = load_file(str(runs / "ddp" / "ict.safetensors"))
     init = load_file(str(runs / "init" / "retriever" / "query" / "model.safetensors"))
-    assert any((ict[k] - init[k.removeprefix("query.")]).abs().max() > 1e-4 for k in ict if k.startswith("query.")), "ICT did not train"
+    assert any((ict[k] - init[k.removeprefix("query.")]).abs().max() > 1e-4 for k in ict if k.startswith("query.")), (
+        "ICT did not train"
+    )
     _assert_same_weights(runs / "ddp" / f"{module}.safetensors", runs / "single" / f"{module}.safetensors")
 
 
@@ -243,7 +323,10 @@ def test_pretraining_slices_have_unequal_token_counts(runs):
     loss only with distributed.shard_weight; these batches make the weighting matter."""
     queries = salient_span_queries(_store(runs), 32, 10)
     rng = random.Random(PRETRAIN_SEED)
-    counts = [[sum(len(q.targets) for q in part) for part in (batch[:2], batch[2:])] for batch in (rng.sample(queries, 4) for _ in range(2))]
+    counts = [
+        [sum(len(q.targets) for q in part) for part in (batch[:2], batch[2:])]
+        for batch in (rng.sample(queries, 4) for _ in range(2))
+    ]
     assert all(a != b for a, b in counts), counts
 
 
@@ -256,6 +339,8 @@ def test_rank_zero_builds_the_index_and_shares_it(runs):
 def test_ddp_resume_from_rank_zeros_checkpoint_equals_an_uninterrupted_run(runs):
     """Rank 0 alone writes the checkpoint, with each rank's dropout generator; both ranks restore it."""
     assert json.loads((runs / "ddp" / "resume.json").read_text()) == {"resumed_step": 2}
-    _assert_same_weights(runs / "ddp" / "resume-straight.safetensors", runs / "ddp" / "resume-resumed.safetensors", atol=0.0)
+    _assert_same_weights(
+        runs / "ddp" / "resume-straight.safetensors", runs / "ddp" / "resume-resumed.safetensors", atol=0.0
+    )
     rngs = load_file(str(latest_checkpoint(runs / "ddp" / "ckpt-resumed") / "rng.safetensors"))
     assert not torch.equal(rngs["rank.0.torch.cpu"], rngs["rank.1.torch.cpu"])

@@ -43,7 +43,9 @@ def test_each_kernel_embeds_every_block_like_fp32_as_float32(tiny, doc, kernel):
 
 def test_fp32_is_the_default_of_embed_blocks_and_unchanged(tiny, doc):
     _, store = tiny
-    np.testing.assert_array_equal(embed_blocks(doc, store, CPU, progress=None), embed_blocks(doc, store, CPU, progress=None, precision="fp32"))
+    np.testing.assert_array_equal(
+        embed_blocks(doc, store, CPU, progress=None), embed_blocks(doc, store, CPU, progress=None, precision="fp32")
+    )
 
 
 @pytest.mark.parametrize("kernel", ["int8", "bf16"])
@@ -57,7 +59,9 @@ def test_the_trained_tower_keeps_its_fp32_weights_and_mode_after_embedding(tiny,
     for name, value in before.items():
         assert after[name].dtype == value.dtype and torch.equal(after[name], value), name
     assert all(p.dtype == torch.float32 for p in doc.parameters())
-    assert all(type(m) is torch.nn.Linear for m in doc.modules() if isinstance(m, torch.nn.Linear))  # not swapped for quantised ones
+    assert all(
+        type(m) is torch.nn.Linear for m in doc.modules() if isinstance(m, torch.nn.Linear)
+    )  # not swapped for quantised ones
 
 
 def test_a_refresh_embeds_the_current_weights_not_a_stale_quantised_copy(tiny, doc):
@@ -73,13 +77,16 @@ def test_a_refresh_embeds_the_current_weights_not_a_stale_quantised_copy(tiny, d
     assert _cosines(second, fresh).mean() > _cosines(first, fresh).mean()
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
-    ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),
-    ({"avx2", "fma"}, "fp32"),  # int8 is faster there but lost > 0.5 points of recall@5: opt-in only
-    ({"sse4_2"}, "fp32"),
-    (set(), "fp32"),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "avx512f", "avx512_bf16"}, "bf16"),
+        ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),
+        ({"avx2", "fma"}, "fp32"),  # int8 is faster there but lost > 0.5 points of recall@5: opt-in only
+        ({"sse4_2"}, "fp32"),
+        (set(), "fp32"),
+    ],
+)
 def test_auto_resolves_from_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
     assert resolve_embed_precision("auto", CPU) == expected

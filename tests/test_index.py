@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from realm_core.config import IndexParams
 import realm_core.index as index_module
+from realm_core.config import IndexParams
 from realm_core.index import FAISS_TYPES, DenseIndex
 
 
@@ -64,7 +64,12 @@ def test_k_is_clipped_to_the_index_size_and_inputs_are_checked() -> None:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     index, emb, ids = _random_index(n=50, d=8)
     index.save(tmp_path / "index", meta={"step": 500, "source": "test"})
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["embeddings.npy", "ids.npy", "index.faiss", "index.json"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "embeddings.npy",
+        "ids.npy",
+        "index.faiss",
+        "index.json",
+    ]
     header = json.loads((tmp_path / "index" / "index.json").read_text())
     assert (header["dim"], header["count"], header["meta"]) == (8, 50, {"step": 500, "source": "test"})
 
@@ -140,7 +145,12 @@ def test_failed_save_leaves_the_old_index_and_no_partial_dir(tmp_path: Path, mon
 SPECS = {
     "flat": IndexParams(),
     "hnsw": IndexParams.model_validate({"type": "hnsw", "hnsw": {"m": 16, "ef_construction": 40, "ef_search": 64}}),
-    "ivf_pq": IndexParams.model_validate({"type": "ivf_pq", "ivf_pq": {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 8, "refine_factor": 10, "train_size": 4000}}),
+    "ivf_pq": IndexParams.model_validate(
+        {
+            "type": "ivf_pq",
+            "ivf_pq": {"nlist": 32, "m": 8, "nbits": 6, "nprobe": 8, "refine_factor": 10, "train_size": 4000},
+        }
+    ),
 }
 
 
@@ -168,7 +178,9 @@ def test_each_type_builds_searches_saves_and_loads(tmp_path: Path, kind: str) ->
     assert np.isin(got, ids).all() and all(len(set(row)) == 10 for row in got.tolist())
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
     rows = got - 100  # reversed ids -> rows
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, emb[2999 - rows]), rtol=1e-4, atol=1e-4)  # true inner products
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", queries, emb[2999 - rows]), rtol=1e-4, atol=1e-4
+    )  # true inner products
 
     index.save(tmp_path / "index")
     header = json.loads((tmp_path / "index" / "index.json").read_text())
@@ -193,7 +205,9 @@ def test_ivf_pq_without_reranking_is_worse_and_reranking_restores_recall() -> No
     emb, queries = _clustered(5000, d=64, seed=3)
     ids = np.arange(5000, dtype=np.int64)
     _, exact = DenseIndex(emb, ids).search(queries, 10)
-    coarse = SPECS["ivf_pq"].model_copy(update={"ivf_pq": SPECS["ivf_pq"].ivf_pq.model_copy(update={"m": 4, "refine_factor": 1})})
+    coarse = SPECS["ivf_pq"].model_copy(
+        update={"ivf_pq": SPECS["ivf_pq"].ivf_pq.model_copy(update={"m": 4, "refine_factor": 1})}
+    )
     fine = coarse.model_copy(update={"ivf_pq": coarse.ivf_pq.model_copy(update={"refine_factor": 10})})
     pq_only = _recall_at(DenseIndex.build(emb, ids, coarse).search(queries, 10)[1], exact)
     reranked = _recall_at(DenseIndex.build(emb, ids, fine).search(queries, 10)[1], exact)
@@ -204,7 +218,9 @@ def test_ivf_pq_training_is_seeded() -> None:
     emb, queries = _clustered(3000, seed=4)
     ids = np.arange(3000, dtype=np.int64)
     a, b = (DenseIndex.build(emb, ids, SPECS["ivf_pq"], seed=7) for _ in range(2))
-    np.testing.assert_array_equal(a.faiss_index.quantizer.reconstruct_n(0, 32), b.faiss_index.quantizer.reconstruct_n(0, 32))
+    np.testing.assert_array_equal(
+        a.faiss_index.quantizer.reconstruct_n(0, 32), b.faiss_index.quantizer.reconstruct_n(0, 32)
+    )
     np.testing.assert_array_equal(a.search(queries, 5)[1], b.search(queries, 5)[1])
 
 
@@ -212,7 +228,9 @@ def test_too_few_ivf_candidates_fall_back_to_exact_search() -> None:
     """nprobe = 1 over 32 cells: a cell holds ~90 vectors, so k = 200 cannot be filled from it."""
     emb, queries = _clustered(3000, seed=5)
     ids = np.arange(3000, dtype=np.int64) + 1
-    spec = SPECS["ivf_pq"].model_copy(update={"ivf_pq": SPECS["ivf_pq"].ivf_pq.model_copy(update={"nprobe": 1, "refine_factor": 1})})
+    spec = SPECS["ivf_pq"].model_copy(
+        update={"ivf_pq": SPECS["ivf_pq"].ivf_pq.model_copy(update={"nprobe": 1, "refine_factor": 1})}
+    )
     index = DenseIndex.build(emb, ids, spec)
     assert (index.faiss_index.search(queries, 200)[1] < 0).any()  # faiss itself pads with -1
     scores, got = index.search(queries, 200)
@@ -231,7 +249,10 @@ def test_two_shards_equal_the_unsharded_flat_index(tmp_path: Path) -> None:
     queries = rng.standard_normal((20, 16)).astype(np.float32)
     whole = DenseIndex.build(emb, ids)
     cut = 120  # uneven shards
-    shards = [DenseIndex.build(emb[:cut], ids[:cut], meta={"shard": 0}), DenseIndex.build(emb[cut:], ids[cut:], meta={"shard": 1})]
+    shards = [
+        DenseIndex.build(emb[:cut], ids[:cut], meta={"shard": 0}),
+        DenseIndex.build(emb[cut:], ids[cut:], meta={"shard": 1}),
+    ]
     sharded = DenseIndex.from_shards(shards)
     assert isinstance(sharded.faiss_index, faiss.IndexShards) and len(sharded) == 301
     for k in (1, 10, 200, 301):  # 200 > the first shard's 120 rows
@@ -288,11 +309,15 @@ def test_bad_knobs_are_clear_errors(tmp_path: Path) -> None:
     def with_ivf(**knobs: int) -> IndexParams:
         return ivf.model_copy(update={"ivf_pq": ivf.ivf_pq.model_copy(update=knobs)})
 
-    with pytest.raises(ValueError, match=r"index.ivf_pq.m = 12 must divide the embedding dimension 32; try one of \[4, 8, 16, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"index.ivf_pq.m = 12 must divide the embedding dimension 32; try one of \[4, 8, 16, 32\]"
+    ):
         DenseIndex.build(emb, ids, with_ivf(m=12))
     with pytest.raises(ValueError, match="nprobe = 64 exceeds index.ivf_pq.nlist = 32"):
         DenseIndex.build(emb, ids, with_ivf(nprobe=64))
-    with pytest.raises(ValueError, match=r"needs at least 1024 vectors to train \(max\(nlist = 1024, 2\*\*nbits = 64\)\), got 500"):
+    with pytest.raises(
+        ValueError, match=r"needs at least 1024 vectors to train \(max\(nlist = 1024, 2\*\*nbits = 64\)\), got 500"
+    ):
         DenseIndex.build(emb, ids, with_ivf(nlist=1024, nprobe=8))
     with pytest.raises(ValueError, match="train_size = 40 is below the 64 vectors"):
         DenseIndex.build(emb, ids, with_ivf(train_size=40))

@@ -50,14 +50,18 @@ def facts(tiny):
 
 def test_biases_and_layernorm_get_no_weight_decay_and_each_part_its_own_learning_rate(models):
     retriever, encoder = models
-    opt = GroupedAdamW({"query": Part.of(retriever.query, 1e-3), "encoder": Part.of(encoder, 2e-3)}, steps=10, weight_decay=0.01)
+    opt = GroupedAdamW(
+        {"query": Part.of(retriever.query, 1e-3), "encoder": Part.of(encoder, 2e-3)}, steps=10, weight_decay=0.01
+    )
     norm_weight = retriever.query.norm.weight
     groups = {(g["part"], g["weight_decay"]): g for g in opt.optimizer.param_groups}
     assert any(p is norm_weight for p in groups[("query", 0.0)]["params"])
     assert any(p is retriever.query.projection.bias for p in groups[("query", 0.0)]["params"])
     assert any(p is retriever.query.projection.weight for p in groups[("query", 0.01)]["params"])
     assert not any(p is retriever.query.projection.weight for p in groups[("query", 0.0)]["params"])
-    assert opt.lr("query") == pytest.approx(1e-3 / 1) and opt.lr("encoder") == pytest.approx(2e-3 / 1)  # warm-up of 1 step
+    assert opt.lr("query") == pytest.approx(1e-3 / 1) and opt.lr("encoder") == pytest.approx(
+        2e-3 / 1
+    )  # warm-up of 1 step
 
 
 def test_schedule_warms_up_linearly_then_decays_linearly_to_zero():
@@ -144,9 +148,18 @@ def test_without_null_bias_the_null_score_is_the_papers_dot_product(facts, model
     queries = salient_span_queries(store, 32, 10)[:2]
     with torch.no_grad():
         logits, _ = trainer.retrieval_logits(queries)
-        f_null = retriever.query(**query_batch(store, [q.input_ids for q in queries], CPU)) @ retriever.doc(**doc_batch(store, [None], CPU)).T
+        f_null = (
+            retriever.query(**query_batch(store, [q.input_ids for q in queries], CPU))
+            @ retriever.doc(**doc_batch(store, [None], CPU)).T
+        )
     assert torch.allclose(logits[:, NULL_BLOCK], f_null.squeeze(-1), atol=1e-5)
-    pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=2, batch_size=2), refresher=SyncRefresher(store, CPU, 8, 0), seed=0)
+    pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=2, batch_size=2),
+        refresher=SyncRefresher(store, CPU, 8, 0),
+        seed=0,
+    )
     assert float(trainer.null.bias) == 0.0 and not trainer.null.bias.requires_grad
 
 
@@ -183,9 +196,13 @@ def test_answer_near_keeps_queries_whose_evidence_is_among_the_closest_blocks(fa
     wide = answer_near(store, queries, evidence, n=len(store))
     narrow = answer_near(store, queries, evidence, n=1)
     docs = [f"{b.title} {b.text}" for b in store.blocks]
-    texts = [store.tokenizer.decode([t for t in q.input_ids if t not in store.tokenizer.all_special_ids]) for q in queries]
+    texts = [
+        store.tokenizer.decode([t for t in q.input_ids if t not in store.tokenizer.all_special_ids]) for q in queries
+    ]
     lexical = bm25_retrieve(docs, texts, k=len(store))  # blocks sharing a word with the sentence
-    assert wide == [bool(set(ev) & set(hits)) for ev, hits in zip(evidence, lexical)]  # n = all: evidence that shares a word
+    assert wide == [
+        bool(set(ev) & set(hits)) for ev, hits in zip(evidence, lexical)
+    ]  # n = all: evidence that shares a word
     assert 0 < sum(narrow) < sum(wide) and not any(n and not w for n, w in zip(narrow, wide))
     near = pretraining_queries(store, PretrainParams(query_filter="answer_near", probe_size=0), 32, 0)
     assert near.train and set(map(id, near.train)) <= {id(q) for q in near.salient}
@@ -220,7 +237,9 @@ def test_answer_bearing_blocks_match_whole_words_outside_the_source_most_related
         answer = tok.decode(q.targets)
         for z in ev:
             assert answer.lower() in store.blocks[z].text.lower()
-    vienna_in_mozart = next(ev for q, ev in zip(queries, evidence) if q.block_id == 0 and tok.decode(q.targets) == "vienna")
+    vienna_in_mozart = next(
+        ev for q, ev in zip(queries, evidence) if q.block_id == 0 and tok.decode(q.targets) == "vienna"
+    )
     assert set(vienna_in_mozart) == {2, 3} and vienna_in_mozart[0] == 2  # block 2 shares "lived in Vienna"
     salzburg = next(ev for q, ev in zip(queries, evidence) if q.block_id == 0 and tok.decode(q.targets) == "salzburg")
     assert salzburg == [1]
@@ -262,15 +281,28 @@ def test_probe_holds_out_whole_source_blocks_deterministically(facts):
 
 def test_warmup_contexts_follow_the_evidence_source_and_null_shares():
     evidence = [[5, 6], [7]]
-    draw = lambda **kw: warmup_contexts([0, 1] * 500, evidence, [1, 2] * 500, 20, EncoderWarmupParams(**kw), random.Random(0))  # noqa: E731
+
+    def draw(**kw):
+        return warmup_contexts([0, 1] * 500, evidence, [1, 2] * 500, 20, EncoderWarmupParams(**kw), random.Random(0))
+
     only_evidence = draw(evidence_prob=1.0, source_prob=0.0)
     assert all(z in evidence[i % 2] for i, z in enumerate(only_evidence))
     only_source = draw(evidence_prob=1.0, source_prob=1.0)
     assert only_source == [1, 2] * 500
     none = draw(evidence_prob=0.0, source_prob=0.0)
     nulls = sum(z is None for z in none)
-    assert 250 < nulls < 420 and all(z is None or (z not in evidence[i % 2] and z != [1, 2][i % 2]) for i, z in enumerate(none))
-    hard = warmup_contexts([0, 1] * 500, evidence, [1, 2] * 500, 20, EncoderWarmupParams(evidence_prob=0.0), random.Random(0), negatives=[[9], [11]])
+    assert 250 < nulls < 420 and all(
+        z is None or (z not in evidence[i % 2] and z != [1, 2][i % 2]) for i, z in enumerate(none)
+    )
+    hard = warmup_contexts(
+        [0, 1] * 500,
+        evidence,
+        [1, 2] * 500,
+        20,
+        EncoderWarmupParams(evidence_prob=0.0),
+        random.Random(0),
+        negatives=[[9], [11]],
+    )
     hits = sum(z == [9, 11][i % 2] for i, z in enumerate(hard))
     assert 250 < hits < 420  # a third are the hard negatives
 
@@ -283,8 +315,18 @@ def test_encoder_warmup_trains_the_whole_encoder_and_logs_the_gain_before_and_af
     probe = Probe([q for q, e in zip(queries, evidence) if e][:4], [e for e in evidence if e][:4])
     layer = encoder.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
     logged = []
-    summary = warmup_encoder(encoder, store, queries, evidence, EncoderWarmupParams(steps=6, batch_size=4, lr=1e-3), seed=0, device=CPU,
-                             log=lambda m, s: logged.append((s, m)), probe=probe, probe_every=3)
+    summary = warmup_encoder(
+        encoder,
+        store,
+        queries,
+        evidence,
+        EncoderWarmupParams(steps=6, batch_size=4, lr=1e-3),
+        seed=0,
+        device=CPU,
+        log=lambda m, s: logged.append((s, m)),
+        probe=probe,
+        probe_every=3,
+    )
     assert not torch.equal(layer, encoder.bert.encoder.layer[0].attention.self.query.weight)  # unfrozen
     gains = [(s, m["evidence_gain"]) for s, m in logged if "evidence_gain" in m]
     assert [s for s, _ in gains] == [0, 3, 6]
@@ -311,15 +353,22 @@ def test_copy_head_mixes_a_pointer_over_the_body_into_the_vocabulary_softmax(fac
     batch.pop("token_mask")
     with torch.no_grad():
         got = copying.token_log_probs(**batch)  # [2, M]
-        hidden, gathered = copying._read(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])
+        hidden, gathered = copying._read(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"]
+        )
         vocab = copying.mlm.cls(gathered).softmax(-1)  # [2, M, V]
         for n in range(2):
             length = int(batch["attention_mask"][n].sum())
             body = [i for i in range(length - 1) if batch["token_type_ids"][n, i] == 1]  # without the closing [SEP]
             for j, target in enumerate(batch["targets"][n].tolist()):
-                scores = torch.stack([copying.copy.query(gathered[n, j]) @ copying.copy.key(hidden[n, i]) for i in body]) / hidden.size(-1) ** 0.5
+                scores = (
+                    torch.stack([copying.copy.query(gathered[n, j]) @ copying.copy.key(hidden[n, i]) for i in body])
+                    / hidden.size(-1) ** 0.5
+                )
                 a = scores.softmax(0)
-                g = torch.sigmoid(copying.copy.gate(gathered[n, j])[0] + copying.copy.gate_match * scores.max())  # sees the best match
+                g = torch.sigmoid(
+                    copying.copy.gate(gathered[n, j])[0] + copying.copy.gate_match * scores.max()
+                )  # sees the best match
                 pointer = sum(float(a[t]) for t, i in enumerate(body) if int(batch["input_ids"][n, i]) == target)
                 brute = float(torch.log((1 - g) * vocab[n, j, target] + g * pointer))
                 assert float(got[n, j]) == pytest.approx(brute, abs=1e-5)
@@ -336,15 +385,21 @@ def test_copy_head_is_off_for_the_null_block_and_agrees_with_the_full_distributi
         got = copying.token_log_probs(**batch).view(3, 2, -1)
         plain = KnowledgeAugmentedEncoder(copying.mlm).eval().token_log_probs(**batch).view(3, 2, -1)
         assert torch.allclose(got[:, 0], plain[:, 0], atol=1e-6)  # null block: p = p_vocab
-        full = copying.masked_log_probs(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"])
-        assert torch.allclose(full.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1).view(3, 2, -1), got, atol=1e-4)
+        full = copying.masked_log_probs(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_positions"]
+        )
+        assert torch.allclose(
+            full.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1).view(3, 2, -1), got, atol=1e-4
+        )
         assert torch.allclose(full.exp().sum(-1), torch.ones(full.shape[:2]), atol=1e-4)  # a distribution
 
 
 def test_copy_head_gradients_are_finite_for_null_blocks_and_blocks_without_the_answer(facts, copying):
     _, store = facts
     queries = salient_span_queries(store, 32, 10)[:4]
-    batch = encoder_inputs(store, queries, [[None, 5, q.block_id] for q in queries], CPU)  # null, often answer-free, source
+    batch = encoder_inputs(
+        store, queries, [[None, 5, q.block_id] for q in queries], CPU
+    )  # null, often answer-free, source
     batch.pop("token_mask")
     copying.token_log_probs(**batch).sum().backward()
     grads = [p.grad for p in copying.parameters() if p.grad is not None]
@@ -364,7 +419,9 @@ def test_copy_head_survives_a_round_trip(copying, tmp_path):
 
 def test_per_token_retrieval_utility_divides_by_masked_tokens():
     logits = torch.tensor([[0.0, 1.0], [0.5, 0.0]])
-    logp = torch.tensor([[[-5.0, -5.0, 0.0], [-1.0, -2.0, 0.0]], [[-3.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]])  # [B=2, k=2, M=3]
+    logp = torch.tensor(
+        [[[-5.0, -5.0, 0.0], [-1.0, -2.0, 0.0]], [[-3.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]]
+    )  # [B=2, k=2, M=3]
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     pz = logits.softmax(-1)
     brute = []
@@ -384,12 +441,32 @@ def test_pretrain_logs_the_learning_diagnostics(facts, models):
     evidence = answer_bearing_blocks(store, queries)
     probe = Probe([q for q, e in zip(queries, evidence) if e][:3], [e for e in evidence if e][:3])
     logged = []
-    summary = pretrain(trainer, queries, PretrainParams(steps=4, batch_size=2, refresh_every=2), refresher=SyncRefresher(store, CPU, 8, 2), seed=0,
-                       log=lambda m, s: logged.append((s, m)), probe=probe)
+    summary = pretrain(
+        trainer,
+        queries,
+        PretrainParams(steps=4, batch_size=2, refresh_every=2),
+        refresher=SyncRefresher(store, CPU, 8, 2),
+        seed=0,
+        log=lambda m, s: logged.append((s, m)),
+        probe=probe,
+    )
     steps = [m for _, m in logged if "loss" in m]
-    for key in ("retrieval_utility_per_token", "null_prob", "grad_norm_query", "grad_norm_doc", "grad_norm_encoder", "lr_encoder"):
+    for key in (
+        "retrieval_utility_per_token",
+        "null_prob",
+        "grad_norm_query",
+        "grad_norm_doc",
+        "grad_norm_encoder",
+        "lr_encoder",
+    ):
         assert all(key in m for m in steps), key
     assert [s for s, m in logged if "evidence_gain" in m] == [0, 2, 4]  # start, the refresh, the end
-    for key in ("evidence_gain", "evidence_gain_start", "retrieval_utility_per_token_last_quarter", "null_prob_last_quarter", "grad_norm_doc_last_quarter"):
+    for key in (
+        "evidence_gain",
+        "evidence_gain_start",
+        "retrieval_utility_per_token_last_quarter",
+        "null_prob_last_quarter",
+        "grad_norm_doc_last_quarter",
+    ):
         assert key in summary, key
     assert 0.0 < summary["null_prob_last_quarter"] < 1.0

@@ -47,7 +47,9 @@ def test_every_fact_is_stated_in_exactly_one_block_and_that_is_its_block(world):
         holders = [b.id for b in world.blocks for _ in pattern.finditer(b.text)]
         assert holders == [fact.block_id], fact
         block = world.blocks[fact.block_id]
-        assert block.text[fact.span[0] : fact.span[1]] == world.relation(fact.relation).block_template.format(e=fact.entity, v=fact.value)
+        assert block.text[fact.span[0] : fact.span[1]] == world.relation(fact.relation).block_template.format(
+            e=fact.entity, v=fact.value
+        )
         assert fact.span in block.sentences
 
 
@@ -70,7 +72,9 @@ def test_mixed_layout_blocks_hold_two_or_three_facts_of_different_entities(token
         facts = [f for f in mixed.facts if f.block_id == block.id]
         assert len({f.entity for f in facts}) == len(facts) == len({f.relation for f in facts})
     for fact in mixed.facts:
-        assert [b.id for b in mixed.blocks for _ in _stated(mixed.relation(fact.relation), fact.entity).finditer(b.text)] == [fact.block_id]
+        assert [
+            b.id for b in mixed.blocks for _ in _stated(mixed.relation(fact.relation), fact.entity).finditer(b.text)
+        ] == [fact.block_id]
 
 
 def test_distractor_blocks_share_the_entity_or_the_relation_of_each_fact(world):
@@ -80,7 +84,9 @@ def test_distractor_blocks_share_the_entity_or_the_relation_of_each_fact(world):
         assert any(g.entity == fact.entity for fs in others for g in fs), "no other block names the entity"
         assert any(g.relation == fact.relation for fs in others for g in fs), "no other block states the relation"
         mates = [g for g in by_block[fact.block_id] if g.id != fact.id]
-        assert mates and all(g.relation != fact.relation for g in mates), "the fact's own block holds no distractor fact"
+        assert mates and all(g.relation != fact.relation for g in mates), (
+            "the fact's own block holds no distractor fact"
+        )
 
 
 def test_entities_are_unique_made_up_names_of_two_or_three_wordpieces(world, tokenizer):
@@ -143,7 +149,9 @@ def test_split_holds_out_one_fact_of_every_block_of_a_held_out_entity(world):
     assert sorted(f.id for f in train + held_out) == [f.id for f in world.facts]
     for entity in {f.entity for f in held_out}:
         for block in {f.block_id for f in world.facts if f.entity == entity}:
-            assert sum(f.block_id == block for f in held_out) == 1  # so every block of the entity keeps one trained query
+            assert (
+                sum(f.block_id == block for f in held_out) == 1
+            )  # so every block of the entity keeps one trained query
             assert sum(f.block_id == block for f in train) == 1
 
 
@@ -181,7 +189,10 @@ def test_realm_learns_to_retrieve_from_the_mlm_signal_alone(quick_results):
 def test_without_learnt_retrieval_the_held_out_facts_cannot_be_predicted(quick_results):
     realm, frozen = quick_results["variants"]["realm"], quick_results["variants"]["frozen_retriever"]
     assert frozen["final_recall_at_1"] < 3 * quick_results["chance_recall_at_1"]
-    assert realm["final_mlm_accuracy"] - frozen["final_mlm_accuracy"] >= 0.3, (realm["final_mlm_accuracy"], frozen["final_mlm_accuracy"])
+    assert realm["final_mlm_accuracy"] - frozen["final_mlm_accuracy"] >= 0.3, (
+        realm["final_mlm_accuracy"],
+        frozen["final_mlm_accuracy"],
+    )
 
 
 def test_the_results_hold_what_reports_mechanics_json_promises(quick_results, tmp_path):
@@ -224,7 +235,9 @@ def test_the_marginal_the_bench_scores_is_realms_marginal_likelihood(store, worl
         out = trainer.forward(batch)
     brute = torch.logsumexp(out["logits"].log_softmax(-1)[:, :, None] + out["token_log_probs"], dim=1)  # [B, M]
     assert torch.allclose(marginal.gather(-1, targets[..., None])[..., 0] * mask, brute * out["token_mask"], atol=1e-4)
-    assert torch.allclose(marginal.exp().sum(-1)[mask.bool()], torch.ones(int(mask.sum())), atol=1e-3)  # a distribution over the vocabulary
+    assert torch.allclose(
+        marginal.exp().sum(-1)[mask.bool()], torch.ones(int(mask.sum())), atol=1e-3
+    )  # a distribution over the vocabulary
 
 
 def test_the_bench_logs_its_curves_and_reports_to_mlflow(quick_results, tmp_path, monkeypatch):
@@ -240,7 +253,9 @@ def test_the_bench_logs_its_curves_and_reports_to_mlflow(quick_results, tmp_path
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["bench"] == "mechanics"
-    assert run.data.metrics["realm.final_recall_at_1"] == pytest.approx(quick_results["variants"]["realm"]["final_recall_at_1"])
+    assert run.data.metrics["realm.final_recall_at_1"] == pytest.approx(
+        quick_results["variants"]["realm"]["final_recall_at_1"]
+    )
     history = client.get_metric_history(run_id, "realm.recall_at_1")
     assert [m.step for m in history] == quick_results["variants"]["realm"]["curves"]["eval"]["step"]
     assert [a.path for a in client.list_artifacts(run_id)] == ["mechanics.json"]

@@ -6,7 +6,16 @@ import pytest
 
 from realm_core.bm25 import bm25_retrieve
 from realm_core.io import InputError
-from realm_core.metrics import answer_spans, dpr_tokens, exact_match, has_answer, has_answer_regex, normalize_answer, recall_at_k, regex_match
+from realm_core.metrics import (
+    answer_spans,
+    dpr_tokens,
+    exact_match,
+    has_answer,
+    has_answer_regex,
+    normalize_answer,
+    recall_at_k,
+    regex_match,
+)
 
 # ----------------------------------------------------------------------------- normalize / EM
 
@@ -176,7 +185,9 @@ DOCS = [
 
 
 def test_bm25_finds_the_obvious_document() -> None:
-    rankings = bm25_retrieve(DOCS, ["capital of France", "When did the Berlin Wall fall?", "highest mountain", "Liverpool rock band"], k=2)
+    rankings = bm25_retrieve(
+        DOCS, ["capital of France", "When did the Berlin Wall fall?", "highest mountain", "Liverpool rock band"], k=2
+    )
     assert [r[0] for r in rankings] == [0, 1, 2, 3]
     assert all(len(r) <= 2 for r in rankings)
 

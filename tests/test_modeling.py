@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from realm_core.blocks import embed_blocks
+from realm_core.config import PretrainParams
 from realm_core.finetune import OpenQA, Question, enumerate_spans, finetune
 from realm_core.ict import ict_example, train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
@@ -25,7 +26,6 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries, select_candidates
-from realm_core.config import PretrainParams
 from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
@@ -55,7 +55,9 @@ def test_product_marginal_equals_brute_force():
         pz = torch.softmax(logits[b], -1)
         py = [torch.prod(torch.stack([logp[b, z, j].exp() for j in range(4) if mask[b, j]])) for z in range(3)]
         expected.append(-torch.log(sum(pz[z] * py[z] for z in range(3))))
-    assert marginal_log_likelihood(logits, logp, mask, "product").item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert marginal_log_likelihood(logits, logp, mask, "product").item() == pytest.approx(
+        torch.stack(expected).mean().item(), rel=1e-5
+    )
 
 
 def test_retrieval_utility_is_zero_when_all_mass_on_null_and_positive_when_retrieval_helps():
@@ -156,7 +158,14 @@ def test_pretrain_refreshes_the_index_on_schedule(tiny, models):
     retriever, encoder = models
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0, log=lambda m, s: logged.append((s, m)))
+    summary = pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+        refresher=SyncRefresher(store, CPU, 64, refresh_every=2),
+        seed=0,
+        log=lambda m, s: logged.append((s, m)),
+    )
     assert summary["refreshes"] == 2  # at steps 2 and 4
     staleness = [m["index_staleness"] for s, m in logged if "index_staleness" in m]
     assert staleness == [0, 1, 0, 1, 0]
@@ -190,7 +199,18 @@ def test_ict_training_lowers_the_loss(tiny):
     torch.manual_seed(0)
     retriever = Retriever.from_backbone(bert, None, 16)
     losses = []
-    train_ict(retriever, store, steps=30, batch_size=8, lr=1e-3, remove_prob=0.0, max_query_tokens=32, seed=0, device=CPU, log=lambda m, s: losses.append(m["ict_loss"]))
+    train_ict(
+        retriever,
+        store,
+        steps=30,
+        batch_size=8,
+        lr=1e-3,
+        remove_prob=0.0,
+        max_query_tokens=32,
+        seed=0,
+        device=CPU,
+        log=lambda m, s: losses.append(m["ict_loss"]),
+    )
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
@@ -216,10 +236,18 @@ def test_retriever_and_encoder_round_trip_through_safetensors(tiny, models, tmp_
     save_encoder(encoder, tmp_path / "e")
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     again = load_retriever(tmp_path / "r")
-    np.testing.assert_allclose(embed_blocks(retriever.doc, store, CPU, progress=None), embed_blocks(again.doc, store, CPU, progress=None), atol=1e-5)
+    np.testing.assert_allclose(
+        embed_blocks(retriever.doc, store, CPU, progress=None),
+        embed_blocks(again.doc, store, CPU, progress=None),
+        atol=1e-5,
+    )
     enc = load_encoder(tmp_path / "e")
-    assert enc.mlm.cls.predictions.decoder.weight.data_ptr() == enc.mlm.bert.embeddings.word_embeddings.weight.data_ptr()
-    assert torch.equal(enc.mlm.cls.predictions.transform.dense.weight, encoder.mlm.cls.predictions.transform.dense.weight)
+    assert (
+        enc.mlm.cls.predictions.decoder.weight.data_ptr() == enc.mlm.bert.embeddings.word_embeddings.weight.data_ptr()
+    )
+    assert torch.equal(
+        enc.mlm.cls.predictions.transform.dense.weight, encoder.mlm.cls.predictions.transform.dense.weight
+    )
 
 
 # ------------------------------------------------------------------ Open-QA fine-tuning
@@ -229,7 +257,9 @@ def _open_qa(tiny, models):
     _, store = tiny
     retriever, encoder = models
     index = DenseIndex(embed_blocks(retriever.doc, store, CPU, progress=None), np.arange(len(store), dtype=np.int64))
-    return OpenQA(retriever.query, SpanReader(encoder.bert, hidden=16), store, index, device=CPU, max_query_tokens=32, max_span=10)
+    return OpenQA(
+        retriever.query, SpanReader(encoder.bert, hidden=16), store, index, device=CPU, max_query_tokens=32, max_span=10
+    )
 
 
 def test_spans_stay_inside_the_body_and_are_at_most_max_span():
@@ -243,9 +273,22 @@ def test_finetune_keeps_block_embeddings_frozen_and_trains_query_and_reader(tiny
     doc_before = models[0].doc.projection.weight.detach().clone()
     index_before = model.index.embeddings.copy()
     q_before = model.query.projection.weight.detach().clone()
-    questions = [Question("[MASK] is the capital of France.", ["Paris"]), Question("The Berlin Wall fell in [MASK].", ["1989"])]
+    questions = [
+        Question("[MASK] is the capital of France.", ["Paris"]),
+        Question("The Berlin Wall fell in [MASK].", ["1989"]),
+    ]
     logged = []
-    finetune(model, questions, steps=3, batch_size=2, lr=1e-3, retriever_top_k=10, reader_top_k=3, seed=0, log=lambda m, s: logged.append(m))
+    finetune(
+        model,
+        questions,
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        retriever_top_k=10,
+        reader_top_k=3,
+        seed=0,
+        log=lambda m, s: logged.append(m),
+    )
     np.testing.assert_array_equal(model.index.embeddings, index_before)
     assert torch.equal(doc_before, models[0].doc.projection.weight)
     assert not torch.equal(q_before, model.query.projection.weight)
@@ -254,7 +297,9 @@ def test_finetune_keeps_block_embeddings_frozen_and_trains_query_and_reader(tiny
 
 def test_finetune_losses_are_zero_when_no_block_holds_the_answer(tiny, models):
     model = _open_qa(tiny, models)
-    out = model.losses([Question("Who painted the Mona Lisa?", ["Leonardo da Vinci"])], retriever_top_k=10, reader_top_k=3)
+    out = model.losses(
+        [Question("Who painted the Mona Lisa?", ["Leonardo da Vinci"])], retriever_top_k=10, reader_top_k=3
+    )
     assert out["retriever_loss"].item() == 0.0 and out["reader_loss"].item() == 0.0
 
 
@@ -291,7 +336,11 @@ def test_retriever_recall_matches_the_retrieval_inside_evaluation(tiny, models):
 
     model = _open_qa(tiny, models)
     model.query.eval(), model.reader.eval()
-    questions = [Question("[MASK] is the capital of France.", ["Paris"]), Question("Mozart lived in [MASK].", ["Vienna"]), Question("Who painted it?", ["Leonardo"])]
+    questions = [
+        Question("[MASK] is the capital of France.", ["Paris"]),
+        Question("Mozart lived in [MASK].", ["Vienna"]),
+        Question("Who painted it?", ["Leonardo"]),
+    ]
     full, _ = evaluate_open_qa(model, questions, recall_at=[1, 5], top_k=2)
     alone = retriever_recall(model, questions, recall_at=[1, 5])
     assert alone == {"recall@1": full["realm_recall@1"], "recall@5": full["realm_recall@5"]}

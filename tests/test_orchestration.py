@@ -84,10 +84,11 @@ def test_cli_help_does_not_import_torch_or_mlflow():
 
 def test_a_hub_download_fails_fast_offline():
     """realm_core forces HF offline mode: nothing may download weights at run time."""
-    import realm_core  # noqa: F401  (sets HF_HUB_OFFLINE)
+    import os
+
     from transformers import AutoModel
 
-    import os
+    import realm_core  # noqa: F401  (sets HF_HUB_OFFLINE)
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(OSError, match="couldn't connect"):
@@ -105,7 +106,9 @@ def test_serve_builds_a_cron_scheduled_deployment_of_the_pipeline():
 
 def test_serve_without_a_prefect_server_says_how_to_start_one():
     env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_API_URL"}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert out.returncode == 1
     assert "realm ui --tool prefect" in out.stderr
 
@@ -114,7 +117,9 @@ def test_git_commit_is_dirty_for_code_changes_but_not_for_files_the_pipeline_wri
     from flows.tracking import git_commit
 
     def git(*args):
-        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True, capture_output=True
+        )
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "data").mkdir()
@@ -141,7 +146,7 @@ def test_realm_bench_runs_the_named_script_with_its_arguments(monkeypatch):
     monkeypatch.setattr(subprocess, "call", lambda argv, cwd: calls.append((argv, cwd)) or 0)
     result = CliRunner().invoke(cli.app, ["bench", "quality", "--quick"])
     assert result.exit_code == 0, result.output
-    (argv, cwd), = calls
+    ((argv, cwd),) = calls
     assert argv[0] == sys.executable and Path(argv[1]) == Path(cwd) / "bench" / "quality.py" and argv[2:] == ["--quick"]
     assert all((Path(cwd) / "bench" / f"{name}.py").exists() for name in cli.BENCHES)
     unknown = CliRunner().invoke(cli.app, ["bench", "nope"])

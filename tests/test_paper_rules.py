@@ -45,7 +45,9 @@ def _open_qa(tiny, models) -> OpenQA:
     _, store = tiny
     retriever, encoder = models
     index = DenseIndex(embed_blocks(retriever.doc, store, CPU, progress=None), np.arange(len(store), dtype=np.int64))
-    model = OpenQA(retriever.query, SpanReader(encoder.bert, hidden=16), store, index, device=CPU, max_query_tokens=32, max_span=10)
+    model = OpenQA(
+        retriever.query, SpanReader(encoder.bert, hidden=16), store, index, device=CPU, max_query_tokens=32, max_span=10
+    )
     model.query.eval(), model.reader.eval()  # no dropout: batched and one-by-one must agree exactly
     return model
 
@@ -74,7 +76,9 @@ def test_reader_loss_is_one_softmax_over_all_block_span_pairs_plus_the_retriever
         seq, seg, body_start = store.pair_sequence(q_ids[0], z)
         spans = enumerate_spans(body_start, len(seq) - body_start - 1, 10)
         inputs = pad_batch([seq], [seg], store.tokenizer.pad_token_id, CPU)
-        span_scores = model.reader.span_logits(**inputs, starts=torch.tensor([[s for s, _ in spans]]), ends=torch.tensor([[e for _, e in spans]]))[0]
+        span_scores = model.reader.span_logits(
+            **inputs, starts=torch.tensor([[s for s, _ in spans]]), ends=torch.tensor([[e for _, e in spans]])
+        )[0]
         scores.append(span_scores + logits[0, rank])
         hits = {(s + body_start, e + body_start) for s, e in answer_spans(store.body_ids[z], answer_ids, 10)}
         correct.append(torch.tensor([span in hits for span in spans]))

@@ -59,7 +59,9 @@ def test_every_stage_result_holds_its_peak_memory_and_its_childrens(tmp_path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "peak-memory")
     monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
-    monkeypatch.setattr(memory, "_children_peak_mb", 0.0)  # restored afterwards: other tests' stages see no 300 MB child
+    monkeypatch.setattr(
+        memory, "_children_peak_mb", 0.0
+    )  # restored afterwards: other tests' stages see no 300 MB child
     monkeypatch.setattr(tracking, "MEMORY_BUDGET_MB", 1.0)  # every stage is over it: a warning, not a failure
     held = psutil.Process().memory_info().rss / 2**20
     with caplog.at_level(logging.WARNING), tracking.stage_run("corpus", root) as ctx:
@@ -104,8 +106,10 @@ def test_the_index_builder_reports_its_own_peak_to_the_trainer(tiny, models, tmp
 def test_the_parent_run_shows_the_pipelines_peak_not_evaluates_memory_as_the_evaluation():
     from flows.pipeline import parent_metrics
 
-    metrics = {"ict": {"ict_loss": 1.0, "peak_rss_mb": 900.0, "peak_rss_children_mb": 0.0},
-               "pretrain": {"loss": 2.0, "peak_rss_mb": 1500.0, "peak_rss_children_mb": 700.0},
-               "evaluate": {"exact_match": 5.0, "peak_rss_mb": 800.0, "peak_rss_children_mb": 0.0}}
+    metrics = {
+        "ict": {"ict_loss": 1.0, "peak_rss_mb": 900.0, "peak_rss_children_mb": 0.0},
+        "pretrain": {"loss": 2.0, "peak_rss_mb": 1500.0, "peak_rss_children_mb": 700.0},
+        "evaluate": {"exact_match": 5.0, "peak_rss_mb": 800.0, "peak_rss_children_mb": 0.0},
+    }
     assert parent_metrics(metrics) == {"exact_match": 5.0, "pipeline_peak_rss_mb": 2200.0}
     assert parent_metrics({"evaluate": {"exact_match": 5.0}}) == {"exact_match": 5.0}

@@ -40,12 +40,16 @@ TINY_PARAMS = {
 def _sh(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def _git_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return [f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
 
 
@@ -61,7 +65,13 @@ def project(tmp_path_factory):
     # DVC needs every key a stage tracks written out, so store the full validated params.
     (proj / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(tiny).model_dump(), sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_", "REALM_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
         _sh(args, proj, env)
     return proj, env
@@ -206,12 +216,21 @@ def test_readme_commands_dag_metrics_diff_torchrun_train_dvc_commit_and_ui(proje
     train = _sh([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "flows.cli", "train", "ict"], proj, env)
     assert "ict" in (train.stdout + train.stderr)
     _sh([str(BIN / "dvc"), "commit", "-f", "ict"], proj, env)
-    assert "changed" not in _sh([str(BIN / "dvc"), "status", "ict"], proj, env).stdout  # the torchrun outputs are recorded
+    assert (
+        "changed" not in _sh([str(BIN / "dvc"), "status", "ict"], proj, env).stdout
+    )  # the torchrun outputs are recorded
     _, runs = _runs(proj)
     assert [r for r in runs if r.data.tags.get("realm.stage") == "ict" and r.data.tags.get("realm.world_size") == "2"]
     # realm ui: the MLflow UI over the project's run store, on loopback
     port = _free_port()
-    ui = subprocess.Popen([str(BIN / "realm"), "ui", "--port", str(port)], cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ui = subprocess.Popen(
+        [str(BIN / "realm"), "ui", "--port", str(port)],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -31,7 +31,9 @@ def test_the_quality_profile_is_valid_params_and_uses_the_whole_corpus():
 
 def test_a_profile_becomes_dvc_experiment_overrides_and_an_explicit_set_wins(tmp_path):
     (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "mine.yaml").write_text("pretrain:\n  steps: 9\n  masking: random_spans\nevaluate:\n  recall_at: [1, 5]\n")
+    (tmp_path / "profiles" / "mine.yaml").write_text(
+        "pretrain:\n  steps: 9\n  masking: random_spans\nevaluate:\n  recall_at: [1, 5]\n"
+    )
     overrides = profile_overrides(tmp_path, "mine")
     assert overrides == ["pretrain.steps=9", "pretrain.masking=random_spans", "evaluate.recall_at=[1, 5]"]
     cmd = dvc_command([*overrides, "pretrain.steps=11"], force=False, name=None)

@@ -79,7 +79,9 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path, content: str, line: int
 
 
 def test_jsonl_bad_utf8_and_missing_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, "latin.jsonl", b'{"question": "q", "answer": ["a"]}\n{"question": "caf\xe9", "answer": ["a"]}\n')
+    path = _write(
+        tmp_path, "latin.jsonl", b'{"question": "q", "answer": ["a"]}\n{"question": "caf\xe9", "answer": ["a"]}\n'
+    )
     with pytest.raises(InputError, match=r"latin\.jsonl:2: not valid UTF-8"):
         read_qa_jsonl(path)
     with pytest.raises(InputError, match="not found"):
@@ -89,7 +91,11 @@ def test_jsonl_bad_utf8_and_missing_file(tmp_path: Path) -> None:
 def test_curatedtrec_regex_answers_are_validated_only_as_regexes(tmp_path: Path) -> None:
     good = _write(tmp_path, "trec.jsonl", '{"question": "How tall?", "answer": ["20\\\\s?,?320 f(ee|oo)t"]}\n')
     assert read_qa_jsonl(good, regex=True) == [QAExample("How tall?", (r"20\s?,?320 f(ee|oo)t",), regex=True)]
-    bad = _write(tmp_path, "trec_bad.jsonl", '{"question": "q", "answer": ["ok"]}\n{"question": "q2", "answer": ["Sievert \\\\(Sv\\\\)\\\\"]}\n')
+    bad = _write(
+        tmp_path,
+        "trec_bad.jsonl",
+        '{"question": "q", "answer": ["ok"]}\n{"question": "q2", "answer": ["Sievert \\\\(Sv\\\\)\\\\"]}\n',
+    )
     with pytest.raises(InputError, match=r"trec_bad\.jsonl:2: answer regex .*does not compile"):
         read_qa_jsonl(bad, regex=True)
     assert read_qa_jsonl(bad)[1].answers == ("Sievert \\(Sv\\)\\",)  # as plain strings it is fine
@@ -99,9 +105,18 @@ def test_curatedtrec_regex_answers_are_validated_only_as_regexes(tmp_path: Path)
 
 
 def test_tsv_json_and_python_lists_quoting_and_header(tmp_path: Path) -> None:
-    text = "question\tanswers\n" 'who sang it\t["Linda Davis", "Reba"]\n' "what is 30+1\t['31']\n" '"a ""quoted"" question"\t["x"]\n'
+    text = (
+        "question\tanswers\n"
+        'who sang it\t["Linda Davis", "Reba"]\n'
+        "what is 30+1\t['31']\n"
+        '"a ""quoted"" question"\t["x"]\n'
+    )
     got = read_qa_tsv(_write(tmp_path, "nq.qa.csv", text))
-    assert got == [QAExample("who sang it", ("Linda Davis", "Reba")), QAExample("what is 30+1", ("31",)), QAExample('a "quoted" question', ("x",))]
+    assert got == [
+        QAExample("who sang it", ("Linda Davis", "Reba")),
+        QAExample("what is 30+1", ("31",)),
+        QAExample('a "quoted" question', ("x",)),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -147,11 +162,33 @@ def _squad(articles: list) -> str:
 
 
 SQUAD = [
-    {"title": "Super_Bowl_50", "paragraphs": [
-        {"context": "Denver beat Carolina.", "qas": [{"id": "q1", "question": "Who won?", "answers": [{"answer_start": 0, "text": "Denver"}, {"answer_start": 0, "text": "Denver"}]}]},
-        {"context": "It was in Santa Clara.", "qas": []},
-    ]},
-    {"title": "Warsaw", "paragraphs": [{"context": "Warsaw is in Poland.", "qas": [{"id": "q2", "question": "Where is Warsaw?", "answers": [{"answer_start": 13, "text": "Poland"}]}]}]},
+    {
+        "title": "Super_Bowl_50",
+        "paragraphs": [
+            {
+                "context": "Denver beat Carolina.",
+                "qas": [
+                    {
+                        "id": "q1",
+                        "question": "Who won?",
+                        "answers": [{"answer_start": 0, "text": "Denver"}, {"answer_start": 0, "text": "Denver"}],
+                    }
+                ],
+            },
+            {"context": "It was in Santa Clara.", "qas": []},
+        ],
+    },
+    {
+        "title": "Warsaw",
+        "paragraphs": [
+            {
+                "context": "Warsaw is in Poland.",
+                "qas": [
+                    {"id": "q2", "question": "Where is Warsaw?", "answers": [{"answer_start": 13, "text": "Poland"}]}
+                ],
+            }
+        ],
+    },
 ]
 
 
@@ -162,11 +199,15 @@ def test_squad_paragraphs_are_passages_and_questions_point_at_them(tmp_path: Pat
         zf.writestr("dev.json", _squad(SQUAD))
     for path in (plain, zipped):
         passages, questions = read_squad(path)
-        assert passages == [Passage("squad-dev-00-000", "Super Bowl 50", "Denver beat Carolina."),
-                            Passage("squad-dev-00-001", "Super Bowl 50", "It was in Santa Clara."),
-                            Passage("squad-dev-01-000", "Warsaw", "Warsaw is in Poland.")]
-        assert questions == [QAExample("Who won?", ("Denver", "Denver"), gold_ids=("squad-dev-00-000",), id="q1"),
-                             QAExample("Where is Warsaw?", ("Poland",), gold_ids=("squad-dev-01-000",), id="q2")]
+        assert passages == [
+            Passage("squad-dev-00-000", "Super Bowl 50", "Denver beat Carolina."),
+            Passage("squad-dev-00-001", "Super Bowl 50", "It was in Santa Clara."),
+            Passage("squad-dev-01-000", "Warsaw", "Warsaw is in Poland."),
+        ]
+        assert questions == [
+            QAExample("Who won?", ("Denver", "Denver"), gold_ids=("squad-dev-00-000",), id="q1"),
+            QAExample("Where is Warsaw?", ("Poland",), gold_ids=("squad-dev-01-000",), id="q2"),
+        ]
     assert read_questions(zipped) == questions
 
 
@@ -175,9 +216,21 @@ def test_squad_paragraphs_are_passages_and_questions_point_at_them(tmp_path: Pat
     [
         ([{"paragraphs": []}], r"\.title", "a title string"),
         ([{"title": "T", "paragraphs": [{"qas": []}]}], r"\.paragraphs\[0\]\.context", "context"),
-        ([{"title": "T", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": []}]}]}], r"paragraphs\[0\]\.qas\[0\]", "non-empty list"),
-        ([{"title": "T", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": [{"text": ""}]}]}]}], r"qas\[0\]", "non-empty string"),
-        ([{"title": "T", "paragraphs": [{"context": "c", "qas": [{"answers": [{"text": "a"}]}]}]}], r"qas\[0\]\.question", "question string"),
+        (
+            [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": []}]}]}],
+            r"paragraphs\[0\]\.qas\[0\]",
+            "non-empty list",
+        ),
+        (
+            [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"question": "q", "answers": [{"text": ""}]}]}]}],
+            r"qas\[0\]",
+            "non-empty string",
+        ),
+        (
+            [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"answers": [{"text": "a"}]}]}]}],
+            r"qas\[0\]\.question",
+            "question string",
+        ),
     ],
 )
 def test_squad_errors_name_the_json_path(tmp_path: Path, articles: list, where: str, words: str) -> None:
@@ -205,10 +258,17 @@ def test_squad_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_pyserini_corpus_titles_and_errors(tmp_path: Path) -> None:
-    good = _write(tmp_path, "c.jsonl", '{"id": "0", "contents": "\\"Evan Morris\\"\\nEvan Morris was a lobbyist."}\n'
-                  '{"id": 1, "contents": "no title line"}\n{"id": "2", "contents": "Absalon\\ndragged forth."}\n')
-    assert read_pyserini_corpus(good) == [Passage("0", "Evan Morris", "Evan Morris was a lobbyist."), Passage("1", "", "no title line"),
-                                          Passage("2", "Absalon", "dragged forth.")]
+    good = _write(
+        tmp_path,
+        "c.jsonl",
+        '{"id": "0", "contents": "\\"Evan Morris\\"\\nEvan Morris was a lobbyist."}\n'
+        '{"id": 1, "contents": "no title line"}\n{"id": "2", "contents": "Absalon\\ndragged forth."}\n',
+    )
+    assert read_pyserini_corpus(good) == [
+        Passage("0", "Evan Morris", "Evan Morris was a lobbyist."),
+        Passage("1", "", "no title line"),
+        Passage("2", "Absalon", "dragged forth."),
+    ]
     for content, line, words in [
         ('{"id": "0"}\n', 1, '"contents" must be a non-empty string'),
         ('{"contents": "x"}\n', 1, 'missing or bad "id"'),
@@ -227,16 +287,27 @@ def test_with_distractors_keeps_gold_is_seeded_and_checks_ids() -> None:
     picked = with_distractors(passages, {"p3", "p40"}, 10, seed=1)
     assert len(picked) == 10 and {"p3", "p40"} <= {p.id for p in picked}
     assert picked == sorted(picked, key=lambda p: int(p.id[1:]))  # corpus order
-    assert picked == with_distractors(passages, {"p3", "p40"}, 10, seed=1) != with_distractors(passages, {"p3", "p40"}, 10, seed=2)
+    assert (
+        picked
+        == with_distractors(passages, {"p3", "p40"}, 10, seed=1)
+        != with_distractors(passages, {"p3", "p40"}, 10, seed=2)
+    )
     with pytest.raises(InputError, match="not in the corpus"):
         with_distractors(passages, {"nope"}, 10, seed=1)
 
 
 def test_relevance_sets_by_gold_and_by_answer() -> None:
-    passages = [Passage("a", "Paris", "Paris is the capital of France."), Passage("b", "Art", "A smart move in 1,990."),
-                Passage("c", "Everest", "Mount Everest is 8,849 m high.")]
-    questions = [QAExample("capital of France?", ("Paris",), gold_ids=("a",)), QAExample("art?", ("art",), gold_ids=("b",)),
-                 QAExample("how high?", (r"8,?849\s*m",), regex=True, gold_ids=("c",)), QAExample("nothing", ("Tokyo",))]
+    passages = [
+        Passage("a", "Paris", "Paris is the capital of France."),
+        Passage("b", "Art", "A smart move in 1,990."),
+        Passage("c", "Everest", "Mount Everest is 8,849 m high."),
+    ]
+    questions = [
+        QAExample("capital of France?", ("Paris",), gold_ids=("a",)),
+        QAExample("art?", ("art",), gold_ids=("b",)),
+        QAExample("how high?", (r"8,?849\s*m",), regex=True, gold_ids=("c",)),
+        QAExample("nothing", ("Tokyo",)),
+    ]
     bench = Benchmark("t", passages, questions, ["x"] * 4)
     assert gold_sets(bench) == [{0}, {1}, {2}, set()]
     assert answer_sets(bench) == [{0}, set(), {2}, set()]  # "art" is not a whole token of "smart"
@@ -292,7 +363,9 @@ def test_real_squad_zip_equals_the_derived_jsonl_files() -> None:
     derived = read_jsonl_corpus(DATA / "squad_open/squad_dev_paragraphs.jsonl")
     assert [(p.id, p.title, p.text.strip()) for p in passages] == [(p.id, p.title, p.text) for p in derived]
     rows = read_questions(DATA / "squad_open/squad_dev_questions.jsonl")
-    assert [(q.id, q.question, q.answers, q.gold_ids) for q in questions] == [(q.id, q.question, q.answers, q.gold_ids) for q in rows]
+    assert [(q.id, q.question, q.answers, q.gold_ids) for q in questions] == [
+        (q.id, q.question, q.answers, q.gold_ids) for q in rows
+    ]
     dpr = read_questions(DATA / "squad_open/dpr_squad_test.jsonl")
     assert [(q.question, q.answers) for q in questions] == [(q.question, q.answers) for q in dpr]
 

@@ -16,7 +16,7 @@ COMMAND = re.compile(r"^(realm|dvc|torchrun|curl|pip|python3?|export)\s")
 
 # command prefix -> "tests/<file>.py::<test>" that runs it (".ci/run" = CI itself)
 COVERED = {
-    "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/python -m pytest": ".ci/run",
+    "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/python -m pytest": ".ci/run",
     "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/realm run": "tests/test_pipeline.py::test_first_run_executes_all_five_stages_under_one_parent_run",
     "realm run --temp": "tests/test_pipeline.py::test_an_experiment_in_a_temporary_copy_is_recorded_by_dvc_and_mlflow",
     "realm run -S": "tests/test_pipeline.py::test_a_bad_override_stops_with_one_clear_message",

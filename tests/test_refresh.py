@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from realm_core.pretrain import BestByUtility, Pretrainer, pretrain, salient_span_queries
 from realm_core.config import PretrainParams
+from realm_core.pretrain import BestByUtility, Pretrainer, pretrain, salient_span_queries
 from realm_core.refresh import AsyncRefresher, SyncRefresher, build_index, make_refresher
 from tests.conftest import CPU
 
@@ -65,7 +65,14 @@ def test_pretrain_with_the_async_refresher_swaps_indexes_and_records_staleness(t
     refresher = make_refresher(3, "async", store, CPU, 4, work_dir=tmp_path / "refresh", max_staleness=2)
     assert isinstance(refresher, AsyncRefresher)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=refresher, seed=0, log=lambda m, s: logged.append((s, m)))
+    summary = pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+        refresher=refresher,
+        seed=0,
+        log=lambda m, s: logged.append((s, m)),
+    )
     later = refresher.records[1:]
     assert summary["refreshes"] == len(later) >= 2  # snapshots at steps 3 and >= 6, each in use within 2 steps
     assert all(r.snapshot_step % 3 == 0 and 0 <= r.staleness <= 2 for r in later)
@@ -88,7 +95,16 @@ def test_best_by_utility_reports_window_means_and_calls_back_only_on_improvement
     calls = []
     best = BestByUtility(2, lambda step, value: calls.append((step, value)))
     means = [best.add(v, s) for s, v in enumerate([0.1, 0.3, -1.0, 0.0, 0.5, 0.7, 0.2, 0.2])]
-    assert means == [None, pytest.approx(0.2), None, pytest.approx(-0.5), None, pytest.approx(0.6), None, pytest.approx(0.2)]
+    assert means == [
+        None,
+        pytest.approx(0.2),
+        None,
+        pytest.approx(-0.5),
+        None,
+        pytest.approx(0.6),
+        None,
+        pytest.approx(0.2),
+    ]
     assert calls == [(1, pytest.approx(0.2)), (5, pytest.approx(0.6))]
     assert best.best == pytest.approx(0.6) and best.best_step == 5
 
@@ -116,7 +132,11 @@ def test_the_builder_exits_when_the_trainer_is_sigkilled(tiny, tmp_path):
     import time
 
     bert, store = tiny
-    trainer = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(bert), str(store.source), str(tmp_path / "refresh")], stdout=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT, str(bert), str(store.source), str(tmp_path / "refresh")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     builder = int(trainer.stdout.readline())
     os.kill(trainer.pid, signal.SIGKILL)
     trainer.wait()
@@ -156,8 +176,15 @@ def _pretrain_run(tiny, tmp_path, crash_at: int | None = None):
                 raise _Crash
 
     refresher = SyncRefresher(store, CPU, 4, refresh_every=4)
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=12, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3), refresher=refresher, seed=0, log=log,
-                       checkpoint=Checkpointer(tmp_path / "ckpt", 4, "tiny"))
+    summary = pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=12, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3, best_window=3),
+        refresher=refresher,
+        seed=0,
+        log=log,
+        checkpoint=Checkpointer(tmp_path / "ckpt", 4, "tiny"),
+    )
     return trainer, losses, summary, refresher
 
 
@@ -172,7 +199,11 @@ def test_pretraining_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupte
         assert torch.allclose(a, b, atol=1e-6)
     for a, b in zip(whole.encoder.parameters(), resumed.encoder.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
-    assert [r.snapshot_step for r in resumed_refresher.records] == [r.snapshot_step for r in whole_refresher.records] == [0, 4, 8]
+    assert (
+        [r.snapshot_step for r in resumed_refresher.records]
+        == [r.snapshot_step for r in whole_refresher.records]
+        == [0, 4, 8]
+    )
     assert resumed_summary["best_step"] == whole_summary["best_step"]
     assert resumed_summary["best_retrieval_utility"] == pytest.approx(whole_summary["best_retrieval_utility"], abs=1e-6)
 
@@ -195,11 +226,20 @@ def test_on_index_metrics_are_logged_with_every_index_that_comes_into_use(tiny, 
         return {f"dev_{k}": v for k, v in out.items()}
 
     logged = []
-    pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3), refresher=SyncRefresher(store, CPU, 64, refresh_every=2), seed=0,
-             log=lambda m, s: logged.append((s, m)), on_index=on_index)
+    pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=5, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+        refresher=SyncRefresher(store, CPU, 64, refresh_every=2),
+        seed=0,
+        log=lambda m, s: logged.append((s, m)),
+        on_index=on_index,
+    )
     rows = [(s, m) for s, m in logged if "refresh_snapshot_step" in m]
     assert [s for s, _ in rows] == [0, 2, 4] and len(seen) == 3
-    assert all(m["dev_recall@10"] == 100.0 and 0.0 <= m["dev_recall@1"] <= 100.0 for _, m in rows)  # 10 blocks: all retrieved
+    assert all(
+        m["dev_recall@10"] == 100.0 and 0.0 <= m["dev_recall@1"] <= 100.0 for _, m in rows
+    )  # 10 blocks: all retrieved
 
 
 def test_planned_refreshes_count_the_swaps_that_land_inside_the_run():
@@ -209,7 +249,9 @@ def test_planned_refreshes_count_the_swaps_that_land_inside_the_run():
     assert planned_refreshes(60, 20, 0) == 2  # sync: at 20 and 40
     assert planned_refreshes(60, 10, 0) == 5
     assert planned_refreshes(24, 20, 5) == 0  # too short: the warning's case
-    assert planned_refreshes(100, 10, 30) == 2  # lag > refresh_every: the next snapshot waits for the swap (40, 70; not 100)
+    assert (
+        planned_refreshes(100, 10, 30) == 2
+    )  # lag > refresh_every: the next snapshot waits for the swap (40, 70; not 100)
     assert planned_refreshes(100, 0, 5) == 0
 
 
@@ -220,8 +262,14 @@ def _async_run(tiny, models, tmp_path, name: str) -> tuple[dict, list[tuple[int,
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU)
     refresher = make_refresher(3, "async", store, CPU, 4, work_dir=tmp_path / name, lag=2)
     logged = []
-    summary = pretrain(trainer, salient_span_queries(store, 32, 10), PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
-                       refresher=refresher, seed=0, log=lambda m, s: logged.append({"step": s, **m}))
+    summary = pretrain(
+        trainer,
+        salient_span_queries(store, 32, 10),
+        PretrainParams(steps=10, batch_size=2, lr=1e-3, query_lr=1e-3, doc_lr=1e-3),
+        refresher=refresher,
+        seed=0,
+        log=lambda m, s: logged.append({"step": s, **m}),
+    )
     return summary, [(r.snapshot_step, r.swap_step) for r in refresher.records], logged
 
 
@@ -235,4 +283,6 @@ def test_with_refresh_lag_a_slow_builder_changes_no_number_only_the_waiting(tiny
     assert fast_swaps == slow_swaps == [(0, 0), (3, 5), (6, 8)]  # each snapshot swapped in at exactly s + 2
     same = lambda row: {k: v for k, v in row.items() if not any(t in k for t in timing)}  # noqa: E731
     assert same(fast) == same(slow) and [same(r) for r in fast_log] == [same(r) for r in slow_log]
-    assert slow["refresh_wait_seconds"] > fast["refresh_wait_seconds"] + 1.0  # the slow builder cost waiting, nothing else
+    assert (
+        slow["refresh_wait_seconds"] > fast["refresh_wait_seconds"] + 1.0
+    )  # the slow builder cost waiting, nothing else

@@ -24,7 +24,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from realm_core.checkpoint import Checkpointer, TrainState, fingerprint, latest_checkpoint, list_checkpoints, resume_points
+from realm_core.checkpoint import (
+    Checkpointer,
+    TrainState,
+    fingerprint,
+    latest_checkpoint,
+    list_checkpoints,
+    resume_points,
+)
 from realm_core.io import InputError, atomic_dir
 from realm_core.modeling import KnowledgeAugmentedEncoder
 from realm_core.optim import GroupedAdamW, Part
@@ -85,7 +92,9 @@ def traces(tiny_dir) -> dict[str, dict]:
     procs = {s: _launch(s, works[s], 0.15, logs[s]) for s in STAGES}
     threads = torch.get_num_threads()
     try:  # the uninterrupted references, computed while the runners import torch
-        reference = {s: resume_runner.run(s, _workdir(tiny_dir, f"reference-{s}"), every=0, echo=lambda _: None) for s in STAGES}
+        reference = {
+            s: resume_runner.run(s, _workdir(tiny_dir, f"reference-{s}"), every=0, echo=lambda _: None) for s in STAGES
+        }
         for s in STAGES:
             _kill_after_first_checkpoint(procs[s], works[s] / "runs" / s)
     finally:
@@ -119,14 +128,18 @@ def test_sigkilled_stage_resumes_from_its_last_checkpoint_to_the_same_result(tra
     ref = t["reference"]
     start = resumed["start_step"]
     lines = t["log"].read_text().splitlines()
-    print(f"\n{stage}: killed at step {t['killed_at']} (last step logged; checkpoints on disk {t['checkpoints']}); "
-          f"'{next(line for line in lines if 'resumed from' in line)}'; "
-          f"final loss {resumed['losses'][str(resume_runner.STEPS - 1)]:.6f} resumed vs {ref['losses'][resume_runner.STEPS - 1]:.6f} uninterrupted")
+    print(
+        f"\n{stage}: killed at step {t['killed_at']} (last step logged; checkpoints on disk {t['checkpoints']}); "
+        f"'{next(line for line in lines if 'resumed from' in line)}'; "
+        f"final loss {resumed['losses'][str(resume_runner.STEPS - 1)]:.6f} resumed vs {ref['losses'][resume_runner.STEPS - 1]:.6f} uninterrupted"
+    )
     assert 0 < start <= t["killed_at"] + 1 and start % 4 == 0
     assert sorted(int(k) for k in resumed["losses"]) == list(range(start, resume_runner.STEPS))
     for step, loss in resumed["losses"].items():
         assert loss == pytest.approx(ref["losses"][int(step)], rel=1e-6, abs=1e-7), f"step {step}"
-    assert resumed["summary"] == pytest.approx(ref["summary"], rel=1e-6, abs=1e-7)  # finetune's last-quarter means need the whole history
+    assert resumed["summary"] == pytest.approx(
+        ref["summary"], rel=1e-6, abs=1e-7
+    )  # finetune's last-quarter means need the whole history
     ref_dir = t["work"].parent / f"reference-{stage}" / "result"
     files = sorted(p.name for p in (t["work"] / "result").glob("*.safetensors"))
     assert files and files == sorted(p.name for p in ref_dir.glob("*.safetensors"))
@@ -151,10 +164,17 @@ def _toy_state(seed: int = 0) -> TrainState:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
     opt = GroupedAdamW({"toy": Part.of(model, 1e-2)}, 12)
-    return TrainState({"toy": model}, opt.optimizer, opt.schedule, {"batches": random.Random(seed), "noise": torch.Generator().manual_seed(seed)})
+    return TrainState(
+        {"toy": model},
+        opt.optimizer,
+        opt.schedule,
+        {"batches": random.Random(seed), "noise": torch.Generator().manual_seed(seed)},
+    )
 
 
-def _toy_train(state: TrainState, ckpt: Checkpointer | None, steps: int = 12, crash_at: int | None = None) -> list[float]:
+def _toy_train(
+    state: TrainState, ckpt: Checkpointer | None, steps: int = 12, crash_at: int | None = None
+) -> list[float]:
     """A loop whose randomness is its named RNGs plus the global ones (dropout, `random`)."""
     start = ckpt.restore(state) if ckpt else 0
     model, losses = state.modules["toy"], []
@@ -232,7 +252,9 @@ def test_a_corrupt_checkpoint_is_a_clear_input_error(tmp_path, damage, file):
     runs = tmp_path / "runs" / "ict"
     Checkpointer(runs, every=2, fingerprint="a").save(2, _toy_state())
     damage(runs / "step-000002" / file)
-    with pytest.raises(InputError, match=rf"{file}: corrupt or truncated checkpoint .*delete {runs} to start this training over"):
+    with pytest.raises(
+        InputError, match=rf"{file}: corrupt or truncated checkpoint .*delete {runs} to start this training over"
+    ):
         Checkpointer(runs, every=2, fingerprint="a").restore(_toy_state())
 
 
@@ -265,9 +287,21 @@ def test_stage_fingerprint_uses_the_dvc_stage_params_but_not_checkpoint_every(tm
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     paths, base = Paths(tmp_path), Params()
     fp = stage_fingerprint(base, paths, "ict")
-    assert stage_fingerprint(base.model_copy(update={"ict": base.ict.model_copy(update={"checkpoint_every": 5})}), paths, "ict") == fp
-    assert stage_fingerprint(base.model_copy(update={"ict": base.ict.model_copy(update={"lr": 5e-4})}), paths, "ict") != fp
-    assert stage_fingerprint(base.model_copy(update={"finetune": base.finetune.model_copy(update={"lr": 5e-4})}), paths, "ict") == fp
+    assert (
+        stage_fingerprint(
+            base.model_copy(update={"ict": base.ict.model_copy(update={"checkpoint_every": 5})}), paths, "ict"
+        )
+        == fp
+    )
+    assert (
+        stage_fingerprint(base.model_copy(update={"ict": base.ict.model_copy(update={"lr": 5e-4})}), paths, "ict") != fp
+    )
+    assert (
+        stage_fingerprint(
+            base.model_copy(update={"finetune": base.finetune.model_copy(update={"lr": 5e-4})}), paths, "ict"
+        )
+        == fp
+    )
 
 
 def test_mlm_head_warmup_resumes_to_the_same_head(tiny_dir):
@@ -288,7 +322,9 @@ def test_mlm_head_warmup_resumes_to_the_same_head(tiny_dir):
                 raise RuntimeError("simulated crash")
             losses.append(m["mlm_loss"])
 
-        warmup_mlm_head(encoder, store, steps=6, batch_size=4, lr=1e-2, seed=0, device=torch.device("cpu"), log=log, checkpoint=ckpt)
+        warmup_mlm_head(
+            encoder, store, steps=6, batch_size=4, lr=1e-2, seed=0, device=torch.device("cpu"), log=log, checkpoint=ckpt
+        )
         return encoder, losses
 
     reference, ref_losses = run(None)
@@ -297,7 +333,9 @@ def test_mlm_head_warmup_resumes_to_the_same_head(tiny_dir):
         run(Checkpointer(runs, every=2, fingerprint="a"), crash_at=3)
     resumed, losses = run(Checkpointer(runs, every=2, fingerprint="a"))
     assert losses == ref_losses[2:]
-    assert torch.equal(resumed.mlm.cls.predictions.transform.dense.weight, reference.mlm.cls.predictions.transform.dense.weight)
+    assert torch.equal(
+        resumed.mlm.cls.predictions.transform.dense.weight, reference.mlm.cls.predictions.transform.dense.weight
+    )
 
 
 def test_checkpoints_hold_no_pickle(traces):
@@ -371,7 +409,12 @@ def _attempt_run(client, experiment_id: str, root: Path, pid: int, losses: dict[
 
     from flows.resume import process_tags
 
-    tags = {**process_tags(root), "realm.stage": "ict", "realm.pid": str(pid), "realm.pid_started": repr(psutil.Process(pid).create_time())}
+    tags = {
+        **process_tags(root),
+        "realm.stage": "ict",
+        "realm.pid": str(pid),
+        "realm.pid_started": repr(psutil.Process(pid).create_time()),
+    }
     run_id = client.create_run(experiment_id, run_name="ict", tags=tags).info.run_id
     client.log_batch(run_id, metrics=[Metric("ict_loss", v, 0, s) for s, v in losses.items()])
     return run_id
@@ -406,7 +449,9 @@ def test_the_next_attempt_marks_a_sigkilled_run_killed_and_links_to_it(tracked_p
     curve = (root / "metrics" / "ict_curve.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in curve[1:]] == [str(s) for s in range(8)]  # the whole curve for DVC plots
     result = json.loads((root / "metrics" / "ict.json").read_text())
-    assert result.pop("peak_rss_mb") > 0 and result.pop("peak_rss_children_mb") >= 0  # every stage's memory (tests/test_peak_memory.py)
+    assert (
+        result.pop("peak_rss_mb") > 0 and result.pop("peak_rss_children_mb") >= 0
+    )  # every stage's memory (tests/test_peak_memory.py)
     assert result == {"ict_loss": 3.0}
     assert not (root / "runs" / "ict").exists()  # outputs saved: the resumable state is gone
 

@@ -23,24 +23,58 @@ SMALL = sm.Encoder("small", 2, 64, 256)
 def _row(model: str, enc: sm.Encoder, blocks: int, tokens: int, blocks_per_second: float) -> dict:
     useful = sm.encoder_flops(enc, tokens) * blocks
     seconds = blocks / blocks_per_second
-    return {"model": model, "precision": "fp32", "default": True, "layers": enc.layers, "hidden": enc.hidden, "blocks": blocks,
-            "real_tokens": tokens * blocks, "useful_flops": useful, "seconds": seconds, "blocks_per_second": blocks_per_second,
-            "flops_per_second": useful / seconds}
+    return {
+        "model": model,
+        "precision": "fp32",
+        "default": True,
+        "layers": enc.layers,
+        "hidden": enc.hidden,
+        "blocks": blocks,
+        "real_tokens": tokens * blocks,
+        "useful_flops": useful,
+        "seconds": seconds,
+        "blocks_per_second": blocks_per_second,
+        "flops_per_second": useful / seconds,
+    }
 
 
-def write_inputs(tmp_path: Path, backbone: sm.Encoder = sm.Encoder("whole", 6, 64, 256), tokens: int = 50) -> dict[str, Path]:
+WHOLE = sm.Encoder("whole", 6, 64, 256)
+
+
+def write_inputs(tmp_path: Path, backbone: sm.Encoder = WHOLE, tokens: int = 50) -> dict[str, Path]:
     """A throughput.json (embed + pretrain sections), a bench/index.py JSON and a metrics/pretrain.json, all made up."""
     throughput = {
         "meta": {"threads": 2, "cpus": 2},
         "gemm": {"flops_per_second": 1e11},
-        "embed": {"rows": [_row("doc embedder (pipeline)", SMALL, 100, 40, 200.0), _row("whole backbone", backbone, 100, tokens, 50.0)]},
-        "pretrain": {"batch_size": 2, "top_k": 4, "rows": [{"mode": "sync", "steps": 10, "loop_seconds": 12.0, "wait_seconds": 2.0},
-                                                           {"mode": "async", "steps": 10, "loop_seconds": 11.0, "wait_seconds": 0.1}]},
+        "embed": {
+            "rows": [
+                _row("doc embedder (pipeline)", SMALL, 100, 40, 200.0),
+                _row("whole backbone", backbone, 100, tokens, 50.0),
+            ]
+        },
+        "pretrain": {
+            "batch_size": 2,
+            "top_k": 4,
+            "rows": [
+                {"mode": "sync", "steps": 10, "loop_seconds": 12.0, "wait_seconds": 2.0},
+                {"mode": "async", "steps": 10, "loop_seconds": 11.0, "wait_seconds": 0.1},
+            ],
+        },
     }
     per = {"flat": 512, "hnsw": 800, "ivf_pq": 48}
-    index = {"machine": {"faiss_threads": 1}, "rows": [
-        {"data": "random", "n": n, "index": kind, "index_mb": (1000 + per[kind] * n) / 2**20, "build_s": n * 1e-5} for n in (1000, 3000) for kind in per]}
-    paths = {"throughput": tmp_path / "throughput.json", "index": tmp_path / "index.json", "metrics": tmp_path / "pretrain.json"}
+    index = {
+        "machine": {"faiss_threads": 1},
+        "rows": [
+            {"data": "random", "n": n, "index": kind, "index_mb": (1000 + per[kind] * n) / 2**20, "build_s": n * 1e-5}
+            for n in (1000, 3000)
+            for kind in per
+        ],
+    }
+    paths = {
+        "throughput": tmp_path / "throughput.json",
+        "index": tmp_path / "index.json",
+        "metrics": tmp_path / "pretrain.json",
+    }
     paths["throughput"].write_text(json.dumps(throughput))
     paths["index"].write_text(json.dumps(index))
     paths["metrics"].write_text(json.dumps({"refresh_staleness_mean": 2.0, "initial_index_seconds": 3.0}))
@@ -48,8 +82,23 @@ def write_inputs(tmp_path: Path, backbone: sm.Encoder = sm.Encoder("whole", 6, 6
 
 
 def run_on(paths: dict[str, Path], tmp_path: Path, *extra: str) -> dict:
-    return sm.run(sm.parse_args(["--throughput", str(paths["throughput"]), "--index-results", str(paths["index"]), "--pretrain-metrics", str(paths["metrics"]),
-                                 "--mlflow", str(tmp_path / "absent.db"), "--out", str(tmp_path / "out" / "scale.json"), *extra]))
+    return sm.run(
+        sm.parse_args(
+            [
+                "--throughput",
+                str(paths["throughput"]),
+                "--index-results",
+                str(paths["index"]),
+                "--pretrain-metrics",
+                str(paths["metrics"]),
+                "--mlflow",
+                str(tmp_path / "absent.db"),
+                "--out",
+                str(tmp_path / "out" / "scale.json"),
+                *extra,
+            ]
+        )
+    )
 
 
 def test_refresh_time_halves_when_the_workers_double(tmp_path):
@@ -65,14 +114,20 @@ def test_scaling_a_measurement_of_bert_base_at_288_wordpieces_gives_it_back(tmp_
     """The FLOP ratio is the only scaling: measure REALM's own block and the model must return the measurement."""
     r = run_on(write_inputs(tmp_path, backbone=sm.BERT_BASE, tokens=288), tmp_path)
     assert r["scaling"]["block_flop_ratio"]["value"] == pytest.approx(1.0)
-    assert r["scaling"]["realm_block_seconds_per_core"]["value"] == pytest.approx(2 / 50.0)  # threads / blocks_per_second
-    slow = run_on(write_inputs(tmp_path, backbone=sm.BERT_BASE, tokens=144), tmp_path)  # shorter measured blocks: REALM's cost more than 2x as much
+    assert r["scaling"]["realm_block_seconds_per_core"]["value"] == pytest.approx(
+        2 / 50.0
+    )  # threads / blocks_per_second
+    slow = run_on(
+        write_inputs(tmp_path, backbone=sm.BERT_BASE, tokens=144), tmp_path
+    )  # shorter measured blocks: REALM's cost more than 2x as much
     assert slow["scaling"]["block_flop_ratio"]["value"] > 2.0
 
 
 def test_step_flops_are_three_forward_passes_over_the_sequences_one_step_reads():
     batch, k, q, b = 3, 5, 20, 60
-    sequences = batch * ([q] + [b] * (k - 1) + [q + b] * (k - 1) + [q])  # query tower, doc tower, encoder pairs, encoder null block
+    sequences = batch * (
+        [q] + [b] * (k - 1) + [q + b] * (k - 1) + [q]
+    )  # query tower, doc tower, encoder pairs, encoder null block
     assert sm.step_flops(SMALL, batch, k, q, b) == pytest.approx(3 * sum(sm.encoder_flops(SMALL, n) for n in sequences))
     assert sm.step_flops(SMALL, 2 * batch, k, q, b) == pytest.approx(2 * sm.step_flops(SMALL, batch, k, q, b))
 
@@ -96,7 +151,9 @@ def test_measured_index_bytes_flat_is_4d_per_vector_and_ivf_pq_below_flat_below_
     per = {kind: index[kind]["per_vector"]["value"] for kind in sm.TYPES}
     assert per["flat"] == pytest.approx(4 * sm.DIM)
     assert abs(index["flat"]["fixed"]["value"]) < 1024  # a header
-    assert spec.ivf_pq.m <= per["ivf_pq"] < per["flat"] < per["hnsw"]  # PQ codes + ids < float32 vectors < vectors + graph links
+    assert (
+        spec.ivf_pq.m <= per["ivf_pq"] < per["flat"] < per["hnsw"]
+    )  # PQ codes + ids < float32 vectors < vectors + graph links
     n = 13_353_718
     memory = sm.memory_bytes(index, "flat", n)
     assert memory["faiss"] == pytest.approx(4 * sm.DIM * n + index["flat"]["fixed"]["value"])
@@ -105,13 +162,17 @@ def test_measured_index_bytes_flat_is_4d_per_vector_and_ivf_pq_below_flat_below_
 
 def _mlflow_db(path: Path, runs: dict[str, tuple[int, list[int]]]) -> Path:
     con = sqlite3.connect(path)
-    con.executescript("CREATE TABLE runs (run_uuid TEXT, status TEXT, start_time INT); CREATE TABLE tags (key TEXT, value TEXT, run_uuid TEXT);"
-                      "CREATE TABLE params (key TEXT, value TEXT, run_uuid TEXT); CREATE TABLE metrics (key TEXT, value REAL, timestamp INT, step INT, run_uuid TEXT);")
+    con.executescript(
+        "CREATE TABLE runs (run_uuid TEXT, status TEXT, start_time INT); CREATE TABLE tags (key TEXT, value TEXT, run_uuid TEXT);"
+        "CREATE TABLE params (key TEXT, value TEXT, run_uuid TEXT); CREATE TABLE metrics (key TEXT, value REAL, timestamp INT, step INT, run_uuid TEXT);"
+    )
     for run, (start, stamps) in runs.items():
         con.execute("INSERT INTO runs VALUES (?, 'FINISHED', ?)", (run, start))
         con.execute("INSERT INTO tags VALUES ('realm.stage', 'pretrain', ?)", (run,))
         con.execute("INSERT INTO params VALUES ('pretrain.batch_size', '6', ?)", (run,))
-        con.executemany("INSERT INTO metrics VALUES ('loss', 1.0, ?, ?, ?)", [(t, i, run) for i, t in enumerate(stamps)])
+        con.executemany(
+            "INSERT INTO metrics VALUES ('loss', 1.0, ?, ?, ?)", [(t, i, run) for i, t in enumerate(stamps)]
+        )
     con.commit()
     con.close()
     return path
@@ -128,11 +189,30 @@ def test_mlflow_step_time_is_the_median_interval_of_the_latest_finished_pretrain
 def test_the_script_writes_its_markdown_and_json_from_made_up_measurements(tmp_path):
     paths = write_inputs(tmp_path)
     out = tmp_path / "out" / "scale.json"
-    sm.main(["--throughput", str(paths["throughput"]), "--index-results", str(paths["index"]), "--pretrain-metrics", str(paths["metrics"]),
-             "--mlflow", str(tmp_path / "absent.db"), "--out", str(out), "--workers", "1", "8", "--gpus", "4"])
+    sm.main(
+        [
+            "--throughput",
+            str(paths["throughput"]),
+            "--index-results",
+            str(paths["index"]),
+            "--pretrain-metrics",
+            str(paths["metrics"]),
+            "--mlflow",
+            str(tmp_path / "absent.db"),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "8",
+            "--gpus",
+            "4",
+        ]
+    )
     r = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
-    assert r["inputs"]["step"]["seconds"]["value"] == pytest.approx((12.0 - 2.0) / 10)  # the sync row without its refresh waits
+    assert r["inputs"]["step"]["seconds"]["value"] == pytest.approx(
+        (12.0 - 2.0) / 10
+    )  # the sync row without its refresh waits
     assert r["inputs"]["index"]["hnsw"]["per_vector"]["value"] == pytest.approx(800)
     for section in ("embed", "doc_embed", "step"):
         assert all(f["source"] for f in r["inputs"][section].values())

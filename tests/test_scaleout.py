@@ -41,7 +41,13 @@ def test_shards_merged_equal_the_unsharded_embeddings(tiny, tmp_path, num_shards
     torch.manual_seed(0)
     doc = Retriever.from_backbone(bert, None, 16).doc
     full = embed_blocks(doc, store, CPU, batch_size=3, progress=None)  # [N, d]
-    files = [save_shard(embed_shard(doc, store.blocks, store.tokenizer, store.max_block_tokens, i, num_shards, CPU, batch_size=3), tmp_path / f"{i}.safetensors") for i in range(num_shards)]
+    files = [
+        save_shard(
+            embed_shard(doc, store.blocks, store.tokenizer, store.max_block_tokens, i, num_shards, CPU, batch_size=3),
+            tmp_path / f"{i}.safetensors",
+        )
+        for i in range(num_shards)
+    ]
     emb, ids = merge_shards([load_shard(f) for f in reversed(files)])  # order of arrival does not matter
     assert ids.tolist() == list(range(len(store)))
     np.testing.assert_allclose(emb, full, atol=1e-5, rtol=0)
@@ -49,7 +55,14 @@ def test_shards_merged_equal_the_unsharded_embeddings(tiny, tmp_path, num_shards
 
 def _shard(index: int, num_shards: int, total: int, source: str = "s") -> Shard:
     r = shard_range(total, index, num_shards)
-    return Shard(index, num_shards, total, np.arange(r.start, r.stop, dtype=np.int64), np.ones((len(r), 4), np.float32), source=source)
+    return Shard(
+        index,
+        num_shards,
+        total,
+        np.arange(r.start, r.stop, dtype=np.int64),
+        np.ones((len(r), 4), np.float32),
+        source=source,
+    )
 
 
 def test_merge_rejects_missing_repeated_foreign_and_wrong_shards(tmp_path):
@@ -80,7 +93,11 @@ def test_runner_factory_returns_the_engine_asked_for(monkeypatch):
     thread = make_task_runner(RunnerParams(type="thread", workers=3))
     assert isinstance(thread, ThreadPoolTaskRunner) and thread._max_workers == 3
     local = make_task_runner(RunnerParams(type="dask", workers=2))
-    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 2 and local.cluster_kwargs["threads_per_worker"] == 1
+    assert (
+        isinstance(local, DaskTaskRunner)
+        and local.cluster_kwargs["n_workers"] == 2
+        and local.cluster_kwargs["threads_per_worker"] == 1
+    )
     remote = make_task_runner(RunnerParams(type="dask", address="tcp://10.0.0.1:8786"))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.1:8786"
     try:
@@ -92,7 +109,9 @@ def test_runner_factory_returns_the_engine_asked_for(monkeypatch):
         assert isinstance(ray, RayTaskRunner) and ray.address == "ray://head:10001"
         assert make_task_runner(RunnerParams(type="ray", workers=2)).init_kwargs["num_cpus"] == 2
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if prefect-ray were not installed
-    with pytest.raises(ImportError, match=r"needs prefect-ray, which is not installed; run: pip install -e '\.\[ray\]'"):
+    with pytest.raises(
+        ImportError, match=r"needs prefect-ray, which is not installed; run: pip install -e '\.\[ray\]'"
+    ):
         make_task_runner(RunnerParams(type="ray"))
 
 
@@ -114,22 +133,34 @@ def test_embedding_flow_on_a_dask_local_cluster_equals_the_single_process_index(
     blocks = write_blocks(tmp_path / "blocks.jsonl")
     torch.manual_seed(1)
     save_embedder(Retriever.from_backbone(bert, None, 16).doc, tmp_path / "doc")
-    params = Params.model_validate({
-        "model": {"backbone": str(bert), "num_hidden_layers": None},
-        "corpus": {"shards": 2, "max_block_tokens": 64},
-        "pretrain": {"embed_batch_size": 3},
-        "runner": {"type": "dask", "workers": 2},
-        "index": {"embed_precision": "fp32"},  # exact equality needs one kernel; tests/test_embed_precision.py checks the others
-    })
-    index_dir = build_index(params, blocks, tmp_path / "doc", tmp_path / "index", tmp_path / "shards", {"source": "test"})
+    params = Params.model_validate(
+        {
+            "model": {"backbone": str(bert), "num_hidden_layers": None},
+            "corpus": {"shards": 2, "max_block_tokens": 64},
+            "pretrain": {"embed_batch_size": 3},
+            "runner": {"type": "dask", "workers": 2},
+            "index": {
+                "embed_precision": "fp32"
+            },  # exact equality needs one kernel; tests/test_embed_precision.py checks the others
+        }
+    )
+    index_dir = build_index(
+        params, blocks, tmp_path / "doc", tmp_path / "index", tmp_path / "shards", {"source": "test"}
+    )
 
     index = DenseIndex.load(index_dir)
     store = BlockStore.load(blocks, load_tokenizer(bert), 64)
-    single = embed_blocks(load_embedder(tmp_path / "doc"), store, CPU, batch_size=3, progress=None)  # one process, unsharded
+    single = embed_blocks(
+        load_embedder(tmp_path / "doc"), store, CPU, batch_size=3, progress=None
+    )  # one process, unsharded
     assert index.ids.tolist() == list(range(len(store)))
     np.testing.assert_allclose(index.embeddings, single, atol=1e-5, rtol=0)
     # The shards really ran in 2 Dask worker processes, not in this one.
     workers = [s["worker"] for s in index.meta["shards"]]
     assert [s["shard"] for s in index.meta["shards"]] == [0, 1]
     assert len(set(workers)) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers), workers
-    assert index.meta["source"] == "test" and index.meta["embed_precision"] == "fp32" and not list((tmp_path / "shards").iterdir())
+    assert (
+        index.meta["source"] == "test"
+        and index.meta["embed_precision"] == "fp32"
+        and not list((tmp_path / "shards").iterdir())
+    )

@@ -142,7 +142,11 @@ def _listening_sockets() -> set[tuple[int, str, int]]:
     out = set()
     for proc in [me, *me.children(recursive=True)]:
         try:
-            out |= {(proc.pid, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            out |= {
+                (proc.pid, c.laddr.ip, c.laddr.port)
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            }
         except psutil.Error:  # a child that exited meanwhile
             continue
     return out

@@ -26,7 +26,9 @@ def test_the_difference_is_in_points_and_its_interval_contains_it():
     a, b = _pair(500, 0.4, 0.3, 1)
     d = paired_bootstrap(a, b)
     assert d.diff == pytest.approx(100 * (a.mean() - b.mean()))
-    assert d.a_score == pytest.approx(100 * a.mean()) and d.b_score == pytest.approx(100 * b.mean()) and d.questions == 500
+    assert (
+        d.a_score == pytest.approx(100 * a.mean()) and d.b_score == pytest.approx(100 * b.mean()) and d.questions == 500
+    )
     assert d.ci_low < d.diff < d.ci_high
 
 

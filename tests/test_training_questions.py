@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from realm_core.benchmarks import EVALUATION_FILES, SQUAD_ZIP, read_squad, squad_article, squad_article_half, training_questions
+from realm_core.benchmarks import (
+    EVALUATION_FILES,
+    SQUAD_ZIP,
+    read_squad,
+    squad_article,
+    squad_article_half,
+    training_questions,
+)
 from realm_core.questions import QAExample, read_questions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -22,7 +29,9 @@ def test_the_squad_halves_split_by_article_and_never_move():
     questions = [_q(f"q{a}-{p}", a, p) for a in range(10) for p in range(3)]
     train, test = squad_article_half(questions, "train"), squad_article_half(questions, "test")
     assert len(train) + len(test) == len(questions) and len(test) == 15
-    assert not {squad_article(q) for q in train} & {squad_article(q) for q in test}  # every paragraph of an article on one side
+    assert not {squad_article(q) for q in train} & {
+        squad_article(q) for q in test
+    }  # every paragraph of an article on one side
     assert squad_article_half(list(reversed(questions)), "test") == list(reversed(test))  # fixed, whatever the order
     with pytest.raises(ValueError, match="'train' or 'test'"):
         squad_article_half(questions, "dev")
@@ -41,4 +50,6 @@ def test_training_questions_hold_no_evaluation_question(tmp_path):
     _, squad = read_squad(DATA / SQUAD_ZIP)
     evaluation |= {key(q.question) for q in squad_article_half(squad, "test")}
     assert not {key(q.question) for q in written} & evaluation
-    assert any("dropped" in name and n > 0 for name, n in counts.items())  # the vital-linked SQuAD questions overlap the train half
+    assert any(
+        "dropped" in name and n > 0 for name, n in counts.items()
+    )  # the vital-linked SQuAD questions overlap the train half

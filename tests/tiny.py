@@ -26,15 +26,51 @@ SENTENCES = [
     ("Dublin", ["Dublin is the capital of Ireland.", "James Joyce was born in Dublin in 1882."]),
     ("Prague", ["Prague is the capital of the Czech Republic.", "Charles University was founded in 1348."]),
 ]
-ENTITIES = ["Paris", "France", "Berlin", "Germany", "Rome", "Italy", "Madrid", "Spain", "Vienna", "Austria", "Lisbon",
-            "Portugal", "Athens", "Greece", "Oslo", "Norway", "Dublin", "Ireland", "Prague", "Czech Republic", "1989",
-            "1781", "1755", "1882", "1348", "Julius Caesar", "Mozart", "Socrates", "James Joyce", "250 BC", "44 BC"]
+ENTITIES = [
+    "Paris",
+    "France",
+    "Berlin",
+    "Germany",
+    "Rome",
+    "Italy",
+    "Madrid",
+    "Spain",
+    "Vienna",
+    "Austria",
+    "Lisbon",
+    "Portugal",
+    "Athens",
+    "Greece",
+    "Oslo",
+    "Norway",
+    "Dublin",
+    "Ireland",
+    "Prague",
+    "Czech Republic",
+    "1989",
+    "1781",
+    "1755",
+    "1882",
+    "1348",
+    "Julius Caesar",
+    "Mozart",
+    "Socrates",
+    "James Joyce",
+    "250 BC",
+    "44 BC",
+]
 
 
 def make_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2) -> Path:
     """Save a random BertModel with the MiniLM vocabulary to `directory` (a 'local BERT dir')."""
-    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(directory)
     src = backbone_dir("minilm")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -56,7 +92,9 @@ def make_blocks() -> list[dict]:
                 spans.append([at, at + len(ent), "ENT"])
                 at = text.find(ent, at + 1)
         spans.sort()
-        blocks.append({"id": i, "passage_id": title, "title": title, "text": text, "sentences": sent_offsets, "spans": spans})
+        blocks.append(
+            {"id": i, "passage_id": title, "title": title, "text": text, "sentences": sent_offsets, "spans": spans}
+        )
     return blocks
 
 

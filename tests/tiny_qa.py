@@ -15,7 +15,14 @@ import yaml
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.config import Params
 from realm_core.index import DenseIndex
-from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, SpanReader, load_tokenizer, save_embedder, save_reader
+from realm_core.modeling import (
+    KnowledgeAugmentedEncoder,
+    Retriever,
+    SpanReader,
+    load_tokenizer,
+    save_embedder,
+    save_reader,
+)
 from realm_core.paths import Paths
 from tests.tiny import make_tiny_bert, write_blocks
 
