@@ -108,16 +108,21 @@ def run(
 ) -> None:
     """Run the pipeline: only stale stages run (DVC), one MLflow parent run, a nested run per stage."""
     root = configure()
+    from contextlib import nullcontext
+
+    from flows.lock import WorkspaceBusy, workspace_lock
     from flows.pipeline import PipelineError, check_overrides, pipeline_flow, profile_overrides
 
     try:
-        set_params = [
-            *(profile_overrides(root, profile) if profile else []),
-            *(set_params or []),
-        ]  # an explicit -S wins
-        check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
-        result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
-    except (*_user_errors(), PipelineError) as exc:
+        # before anything touches params.yaml; --temp works in a copy of the workspace
+        with nullcontext() if temp else workspace_lock(root):
+            set_params = [
+                *(profile_overrides(root, profile) if profile else []),
+                *(set_params or []),
+            ]  # an explicit -S wins
+            check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
+            result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
+    except (*_user_errors(), PipelineError, WorkspaceBusy) as exc:
         _fail(str(exc))
     _print_summary(result)
 

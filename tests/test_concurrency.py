@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +92,46 @@ def test_two_pipelines_at_once_keep_separate_complete_runs_in_one_sqlite_store(t
             assert {m.value for m in client.get_metric_history(child.info.run_id, "seed")} == {float(seeds[name])}
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from flows.lock import workspace_lock
+with workspace_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_realm_run_in_a_held_workspace_refuses_at_once_and_touches_nothing(tmp_path):
+    import signal
+
+    from flows.lock import WorkspaceBusy, workspace_lock
+
+    root = _workspace(tmp_path, "workspace", 13)
+    before = (root / "params.yaml").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # the first run holds the workspace
+        env = {k: v for k, v in os.environ.items() if k != "REALM_MLFLOW_PARENT_RUN_ID"}
+        second = subprocess.run(
+            [str(Path(sys.executable).with_name("realm")), "run", "-S", "finetune.lr=8e-5"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode != 0
+        assert f"pid {holder.pid}" in second.stderr + second.stdout and "--temp" in second.stderr + second.stdout
+        assert "Traceback" not in second.stderr
+        assert (root / "params.yaml").read_bytes() == before  # the holder's params are intact
+        assert not (root / "mlruns.db").exists()  # refused before any run was recorded
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the kernel drops an flock with its holder, even on SIGKILL
+        holder.wait()
+    with workspace_lock(root):  # free again: no stale lock after a crash
+        with pytest.raises(WorkspaceBusy, match=f"pid {os.getpid()}"):
+            with workspace_lock(root):
+                pass
