@@ -201,6 +201,29 @@ def serve(
 
 
 @app.command()
+def runs(
+    stale: Annotated[
+        bool, typer.Option("--stale", help="list the runs left RUNNING by a dead process and mark them KILLED")
+    ] = False,
+) -> None:
+    """MLflow runs of this project; with --stale, close the ones whose process died (e.g. by SIGKILL)."""
+    if not stale:
+        _fail("say what to list: `realm runs --stale` (browse all runs with `realm ui`)")
+    root = configure()
+    from flows.resume import close_stale_runs
+    from flows.tracking import ensure_experiment, tracking_client
+
+    client = tracking_client()
+    closed = close_stale_runs(client, ensure_experiment(client, root))
+    for run in closed:
+        tags = run.data.tags
+        typer.echo(
+            f"KILLED {run.info.run_id}  {tags.get('realm.stage', '?'):9} {run.info.run_name}  (pid {tags.get('realm.pid')} is gone)"
+        )
+    typer.echo(f"{len(closed)} stale run(s) closed")
+
+
+@app.command()
 def ui(
     tool: Annotated[Tool, typer.Option(help="which UI")] = Tool.mlflow,
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",

@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.env import project_root
+from flows.resume import close_stale_runs, process_tags
 from flows.tracking import (
     MEMORY_KEYS,
     PARENT_RUN_ENV,
@@ -166,11 +167,14 @@ def pipeline_flow(
 
     client = tracking_client()  # a new SQLite store is created under a lock (two pipelines at once)
     experiment_id = ensure_experiment(client, root_dir)
+    for run in close_stale_runs(client, experiment_id):  # runs whose process died (SIGKILL) stay RUNNING otherwise
+        logger.warning("marked MLflow run %s (%s) KILLED: its process is gone", run.info.run_id, run.info.run_name)
     tags = {
         "realm.stage": "pipeline",
         "git.commit": git_commit(root_dir),
         "prefect.flow_run_id": prefect_flow_run_id(),
         "mlflow.source.name": "realm run",
+        **process_tags(root_dir),  # so a later command can tell this run's process is gone
     }
     parent = client.create_run(
         experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from flows.tracking import StageContext
 
 
+RESUMED_BY = "realm.resumed_by"  # on a killed run: the attempt that took it up
+
+
 def process_tags(root: Path) -> dict[str, str]:
     """Who runs this stage, where: a later attempt uses them to tell a killed run from a live one."""
     return {
@@ -45,14 +48,21 @@ def process_gone(tags: dict[str, str]) -> bool:
         return True
 
 
-def mark_interrupted_runs(client: MlflowClient, experiment_id: str, stage: str) -> list[Run]:
-    """Mark KILLED the runs of `stage` still RUNNING whose process is gone, newest first.
-
-    A SIGKILLed stage cannot mark its own run, so the next attempt of the stage does it.
-    """
-    query = f"tags.`realm.stage` = '{stage}' and attributes.status = 'RUNNING'"
+def stale_runs(client: MlflowClient, experiment_id: str, stage: str | None = None) -> list[Run]:
+    """Runs (of `stage`, or any: pipeline parents and stages) still RUNNING whose process is gone, newest first."""
+    query = "attributes.status = 'RUNNING'" + (f" and tags.`realm.stage` = '{stage}'" if stage else "")
     runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
-    gone = [r for r in runs if process_gone(r.data.tags)]
+    return [r for r in runs if process_gone(r.data.tags)]
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str, stage: str | None = None) -> list[Run]:
+    """Mark KILLED the runs still RUNNING whose process is gone (stale_runs), newest first.
+
+    A SIGKILLed process cannot mark its own run, so whatever `realm` command opens the store next
+    does it (`realm run`, `realm stage`, `realm runs --stale`); the stage's next attempt then links
+    to it (link_resumed_run), whoever closed it.
+    """
+    gone = stale_runs(client, experiment_id, stage)
     for r in gone:
         client.set_terminated(r.info.run_id, "KILLED")
     return gone
@@ -81,11 +91,23 @@ def link_resumed_run(client: MlflowClient, experiment_id: str, ctx: StageContext
     earlier attempts' per-step rows are preloaded so the curve and final metrics are complete.
     """
     root = str(ctx.paths.root.resolve())
-    killed = [
-        r for r in mark_interrupted_runs(client, experiment_id, ctx.stage) if r.data.tags.get("realm.root") == root
+    close_stale_runs(client, experiment_id, ctx.stage)
+    mine = [  # this stage's earlier attempts in this workspace, newest first
+        r
+        for r in client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`realm.stage` = '{ctx.stage}' and attributes.status != 'RUNNING'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if r.data.tags.get("realm.root") == root and r.info.run_id != ctx.run_id
     ]
+    last_done = next((i for i, r in enumerate(mine) if r.info.status == "FINISHED"), len(mine))
+    # the killed attempts since the last finished one that no later attempt has taken up yet
+    killed = [r for r in mine[:last_done] if r.info.status == "KILLED" and RESUMED_BY not in r.data.tags]
     if not killed:  # checkpoints live in the workspace: only an attempt in this one is resumed
         return
+    for r in killed:  # taken up once: a later attempt never links to it again
+        client.set_tag(r.info.run_id, RESUMED_BY, ctx.run_id)
     from realm_core.checkpoint import resume_points  # imports torch: only when there is something to resume
 
     points = resume_points(ctx.paths.scratch(ctx.stage))

@@ -30,7 +30,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 
 from flows.env import project_root
-from flows.resume import link_resumed_run, process_tags
+from flows.resume import close_stale_runs, link_resumed_run, process_tags
 from realm_core.config import Params, load_params
 from realm_core.io import atomic_write_text, write_json
 from realm_core.memory import children_peak_rss_mb, peak_rss_mb
@@ -352,6 +352,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     experiment_id = ensure_experiment(client, root)
+    close_stale_runs(client, experiment_id)  # any run a dead process left RUNNING (this stage's are linked below)
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     run_id = run.info.run_id
     ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id))

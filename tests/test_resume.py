@@ -469,3 +469,46 @@ def test_a_failed_or_interrupted_stage_is_marked_and_keeps_its_checkpoints(track
     run = MlflowClient().get_run(ctx.run_id)
     assert run.info.status == status and "resumed_from" not in run.data.tags
     assert latest_checkpoint(root / "runs" / "ict" / "retriever").name == "step-000004"
+
+
+def test_realm_runs_stale_closes_dead_runs_and_the_next_attempt_still_links_to_them(tracked_project, monkeypatch):
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.tracking import ensure_experiment, stage_run
+
+    root = tracked_project
+    monkeypatch.chdir(root)
+    client = MlflowClient()
+    experiment_id = ensure_experiment(client, root)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    old = _attempt_run(client, experiment_id, root, victim.pid, {0: 9.0})
+    client.set_terminated(old, "KILLED")  # an attempt killed before the last finished one: never resumed
+    time.sleep(0.01)
+    done = client.create_run(experiment_id, run_name="ict", tags=client.get_run(old).data.tags).info.run_id
+    client.set_terminated(done, "FINISHED")
+    time.sleep(0.01)
+    killed = _attempt_run(client, experiment_id, root, victim.pid, {s: 10.0 - s for s in range(6)})
+    dead = {k: v for k, v in client.get_run(killed).data.tags.items() if k.startswith("realm.")}  # the same dead pid
+    parent = client.create_run(
+        experiment_id, run_name="pipeline-x", tags={**dead, "realm.stage": "pipeline"}
+    ).info.run_id
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+
+    result = CliRunner().invoke(app, ["runs", "--stale"])
+    assert result.exit_code == 0, result.output
+    assert "2 stale run(s) closed" in result.output and killed in result.output and parent in result.output
+    assert client.get_run(killed).info.status == client.get_run(parent).info.status == "KILLED"
+    assert "0 stale run(s) closed" in CliRunner().invoke(app, ["runs", "--stale"]).output
+
+    Checkpointer(root / "runs" / "ict" / "retriever", every=4, fingerprint="a").save(4, _toy_state())
+    with stage_run("ict", root) as ctx:  # closed already, by `realm runs --stale`: still taken up
+        ctx.set_final({"ict_loss": 2.0})
+    assert client.get_run(ctx.run_id).data.tags["resumed_from"] == killed
+    assert client.get_run(killed).data.tags["realm.resumed_by"] == ctx.run_id
+    assert "realm.resumed_by" not in client.get_run(old).data.tags  # older than the finished attempt
+    with stage_run("ict", root) as again:  # taken up once: the next attempt starts afresh
+        again.set_final({"ict_loss": 2.0})
+    assert "resumed_from" not in client.get_run(again.run_id).data.tags
