@@ -29,6 +29,7 @@ from flows.resume import close_stale_runs, process_tags
 from flows.tracking import (
     MEMORY_KEYS,
     PARENT_RUN_ENV,
+    STAGE_NOTES,
     STAGES,
     ensure_experiment,
     git_commit,
@@ -172,6 +173,8 @@ def pipeline_flow(
     tags = {
         "realm.stage": "pipeline",
         "git.commit": git_commit(root_dir),
+        "mlflow.source.git.commit": git_commit(root_dir),
+        "mlflow.note.content": STAGE_NOTES["pipeline"],
         "prefect.flow_run_id": prefect_flow_run_id(),
         "mlflow.source.name": "realm run",
         **process_tags(root_dir),  # so a later command can tell this run's process is gone

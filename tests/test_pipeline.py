@@ -106,6 +106,8 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
     client, runs = _runs(proj)
     parents = [r for r in runs if r.data.tags.get("realm.stage") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI view
     children = _children(runs, parents[0].info.run_id)
     assert sorted(children) == sorted(STAGES)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True, text=True).stdout.strip()
@@ -114,7 +116,8 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
     for stage, run in children.items():
         assert run.info.status == "FINISHED", stage
         assert len(run.data.params) == n_params, stage
-        assert run.data.tags["git.commit"] == head, stage
+        assert run.data.tags["git.commit"] == run.data.tags["mlflow.source.git.commit"] == head, stage
+        assert run.data.tags["mlflow.note.content"], stage  # the run's description in the UI
         flow_run_ids.add(run.data.tags["prefect.flow_run_id"])
         # the out hash tagged on the run is the one DVC wrote to dvc.lock
         assert run.data.tags[f"dvc.out.data/{stage}.md5"] == _lock_md5(proj, stage), stage
