@@ -362,23 +362,9 @@ def make_refresher(
     Under torchrun rank 0 alone builds (its refresher as in one process, sync or async) and
     broadcasts each index it swaps in; the other ranks receive it at the same step (SharedRefresher).
     """
-    if distributed.is_distributed():
-        if not distributed.is_master():
-            return SharedRefresher(None, store, device, batch_size, refresh_every, precision)
-        inner = _make_local_refresher(
-            refresh_every,
-            mode,
-            store,
-            device,
-            batch_size,
-            work_dir=work_dir,
-            lag=lag,
-            max_staleness=max_staleness,
-            threads=threads,
-            precision=precision,
-        )
-        return SharedRefresher(inner, store, device, batch_size, refresh_every, precision)
-    return _make_local_refresher(
+    if distributed.is_distributed() and not distributed.is_master():
+        return SharedRefresher(None, store, device, batch_size, refresh_every, precision)
+    local = _make_local_refresher(
         refresh_every,
         mode,
         store,
@@ -390,6 +376,9 @@ def make_refresher(
         threads=threads,
         precision=precision,
     )
+    if distributed.is_distributed():  # rank 0 builds and broadcasts
+        return SharedRefresher(local, store, device, batch_size, refresh_every, precision)
+    return local
 
 
 def _make_local_refresher(
