@@ -81,24 +81,25 @@ def write_inputs(tmp_path: Path, backbone: sm.Encoder = WHOLE, tokens: int = 50)
     return paths
 
 
+def cli_args(paths: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
+    """The script's arguments over the made-up measurements, writing tmp_path/out/scale.json."""
+    return [
+        "--throughput",
+        str(paths["throughput"]),
+        "--index-results",
+        str(paths["index"]),
+        "--pretrain-metrics",
+        str(paths["metrics"]),
+        "--mlflow",
+        str(tmp_path / "absent.db"),
+        "--out",
+        str(tmp_path / "out" / "scale.json"),
+        *extra,
+    ]
+
+
 def run_on(paths: dict[str, Path], tmp_path: Path, *extra: str) -> dict:
-    return sm.run(
-        sm.parse_args(
-            [
-                "--throughput",
-                str(paths["throughput"]),
-                "--index-results",
-                str(paths["index"]),
-                "--pretrain-metrics",
-                str(paths["metrics"]),
-                "--mlflow",
-                str(tmp_path / "absent.db"),
-                "--out",
-                str(tmp_path / "out" / "scale.json"),
-                *extra,
-            ]
-        )
-    )
+    return sm.run(sm.parse_args(cli_args(paths, tmp_path, *extra)))
 
 
 def test_refresh_time_halves_when_the_workers_double(tmp_path):
@@ -189,25 +190,7 @@ def test_mlflow_step_time_is_the_median_interval_of_the_latest_finished_pretrain
 def test_the_script_writes_its_markdown_and_json_from_made_up_measurements(tmp_path):
     paths = write_inputs(tmp_path)
     out = tmp_path / "out" / "scale.json"
-    sm.main(
-        [
-            "--throughput",
-            str(paths["throughput"]),
-            "--index-results",
-            str(paths["index"]),
-            "--pretrain-metrics",
-            str(paths["metrics"]),
-            "--mlflow",
-            str(tmp_path / "absent.db"),
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-            "8",
-            "--gpus",
-            "4",
-        ]
-    )
+    sm.main(cli_args(paths, tmp_path, "--workers", "1", "8", "--gpus", "4"))
     r = json.loads(out.read_text())
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
     assert r["inputs"]["step"]["seconds"]["value"] == pytest.approx(
