@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "no_null_bias": ["pretrain.null_bias=false"],
     "all_queries": ["pretrain.query_filter=all"],
     "shared_embedders": ["model.share_embedders=true"],
+    "null_gate": ["pretrain.null_gate=true"],  # a departure tried and measured worse (reports/pretrain_scan.md)
 }
 COLUMNS = ("exact_match", "zero_shot_recall_at_5", "realm_recall_at_5", "bm25_recall_at_5")
 

@@ -111,6 +111,11 @@ class PretrainParams(_Section):
         True,
         description="the null block's score is one learned scalar, calibrated at step 0, instead of f(x, null) (departure)",
     )
+    null_gate: bool = Field(
+        False,
+        description="with null_bias: p(null) = sigmoid(bias) is a gate and the retrieved blocks share the rest, so their "
+        "scores only compete with each other (departure; pretrain.NullScore)",
+    )
     query_filter: Literal["all", "answer_elsewhere", "answer_near"] = Field(
         "answer_near",
         description="answer_elsewhere = only queries whose span occurs in a non-source block; answer_near = in one of its 16 BM25-closest blocks",

@@ -166,6 +166,7 @@ def test_every_ablation_variant_is_a_valid_params_override():
         "no_null_bias",
         "all_queries",
         "shared_embedders",
+        "null_gate",
     } <= set(ablations.VARIANTS)
     for overrides in ablations.VARIANTS.values():
         check_overrides(root / "params.yaml", overrides)

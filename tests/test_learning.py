@@ -137,6 +137,54 @@ def test_null_bias_is_calibrated_to_an_average_block_and_learned(facts, models):
     assert trainer.null.bias.grad is not None and float(trainer.null.bias.grad) != 0.0
 
 
+def test_null_gate_makes_p_null_a_sigmoid_and_the_retrieved_scores_compete_only_with_each_other():
+    from realm_core.modeling import marginal_log_likelihood
+    from realm_core.pretrain import NullScore
+
+    torch.manual_seed(0)
+    gate = NullScore(gate=True)
+    with torch.no_grad():
+        gate.bias.fill_(0.7)
+    retrieved = (torch.randn(3, 5) * 4).requires_grad_()  # [B, k-1]
+    logits = gate(retrieved)  # [B, k]
+    log_pz = logits.log_softmax(-1)
+    p_null = torch.sigmoid(torch.tensor(0.7))
+    assert torch.allclose(log_pz[:, NULL_BLOCK], p_null.log().expand(3), atol=1e-6)
+    assert torch.allclose(log_pz[:, 1:], (1 - p_null).log() + retrieved.log_softmax(-1), atol=1e-5)
+    # the loss moves no retrieved score collectively: per query the gradients sum to zero
+    logp = torch.randn(3, 6, 2).log_softmax(-1)  # [B, k, M]
+    loss = marginal_log_likelihood(logits, logp, torch.ones(3, 2))
+    grad, bias_grad = torch.autograd.grad(loss, [retrieved, gate.bias])
+    assert torch.allclose(grad.sum(-1), torch.zeros(3), atol=1e-6) and grad.abs().max() > 1e-3
+    assert float(bias_grad) != 0.0
+    # and without the gate (one softmax) they do not: the shared push the gate removes
+    plain = NullScore()
+    grad, _ = torch.autograd.grad(
+        marginal_log_likelihood(plain(retrieved), logp, torch.ones(3, 2)), [retrieved, plain.bias]
+    )
+    assert grad.sum(-1).abs().max() > 1e-3
+
+
+def test_null_gate_is_calibrated_to_one_kth_and_trains_in_the_pretrainer(facts, models):
+    _, store = facts
+    retriever, encoder = models
+    trainer = Pretrainer(retriever, encoder, store, top_k=4, device=CPU, null_gate=True)
+    assert trainer.null.gate
+    trainer.refresh_index(0)
+    queries = salient_span_queries(store, 32, 10)
+    trainer.calibrate_null_bias(queries)
+    trainer.train()
+    with torch.no_grad():
+        logits, _ = trainer.retrieval_logits(queries)
+    assert torch.allclose(logits.softmax(-1)[:, NULL_BLOCK], torch.full((len(queries),), 0.25), atol=1e-5)
+    out = trainer.forward(queries[:3])
+    out["loss"].backward()
+    assert float(trainer.null.bias.grad) != 0.0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in retriever.query.parameters())
+    # the switch only exists beside the learned null score
+    assert not Pretrainer(retriever, encoder, store, top_k=4, device=CPU, null_bias=False, null_gate=True).null.gate
+
+
 def test_without_null_bias_the_null_score_is_the_papers_dot_product(facts, models):
     from realm_core.blocks import doc_batch, query_batch
 
