@@ -331,7 +331,7 @@ def serve_api(
     uvicorn.run(create_app(answerer), host=host, port=port)
 
 
-BENCHES = ("quality", "ablations", "pretrain_scan", "index", "throughput", "embed_runners", "mechanics")
+BENCHES = ("quality", "ablations", "pretrain_scan", "index", "throughput", "embed_runners", "mechanics", "api_load")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
