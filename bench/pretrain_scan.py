@@ -4,7 +4,7 @@
     python bench/pretrain_scan.py --workspace W --report-only      # re-tabulate the runs already there
 
 Each variant reruns only the pretrain stage (its task, with the workspace's params.yaml plus the
-variant's overrides and the scan's --steps / --refresh-every, sync refresh, no checkpoints) in
+variant's overrides and any --steps / --refresh-every / --sync, no checkpoints) in
 W/runs/scan/<variant>, over symlinks to W/data/{corpus,ict}. Variants run one after another, or
 two at a time with --parallel 2 (one thread each; their timings are then comparable to each other
 only). What it reports, per variant: the zero-shot recall@{1,5,20} of the held-out cloze
@@ -91,8 +91,10 @@ def markdown(results: dict) -> str:
     lines = [
         "# Pre-training scan",
         "",
-        f"From the corpus and ict outputs of `{c['workspace']}`, {c['steps']} steps, sync index refresh every "
-        f"{c['refresh_every']} steps. Zero-shot recall@5 (points) of the {c['dev_questions']} held-out cloze "
+        f"From the corpus and ict outputs of `{c['workspace']}`, {c['steps']} steps, {c['refresh_mode']} index refresh "
+        f"every {c['refresh_every']} steps"
+        + (f" (each swapped in {c['refresh_lag']} steps after its snapshot)" if c["refresh_mode"] == "async" else "")
+        + f". Zero-shot recall@5 (points) of the {c['dev_questions']} held-out cloze "
         "questions over each new index; these are the quality report's set (a), so confirm any choice on sets "
         "(b) and (c).",
         "",
@@ -140,8 +142,9 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="*", default=["base="], help="NAME=key=value,key=value ... (NAME= for no override)"
     )
-    parser.add_argument("--steps", type=int, default=151, help="pre-training steps of every variant")
-    parser.add_argument("--refresh-every", type=int, default=50, help="sync index refresh period")
+    parser.add_argument("--steps", type=int, help="pre-training steps of every variant (default: the workspace's)")
+    parser.add_argument("--refresh-every", type=int, help="index refresh period (default: the workspace's)")
+    parser.add_argument("--sync", action="store_true", help="refresh in the trainer (default: the workspace's mode)")
     parser.add_argument("--parallel", type=int, default=1, choices=(1, 2), help="variants at a time")
     parser.add_argument("--report-only", action="store_true", help="tabulate the runs already in the scan folder")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -153,9 +156,9 @@ def main() -> None:
         return
     runs = workspace / "runs" / "scan"
     common = [
-        f"pretrain.steps={args.steps}",
-        f"pretrain.refresh_every={args.refresh_every}",
-        "pretrain.refresh_mode=sync",
+        *([f"pretrain.steps={args.steps}"] if args.steps else []),
+        *([f"pretrain.refresh_every={args.refresh_every}"] if args.refresh_every else []),
+        *(["pretrain.refresh_mode=sync"] if args.sync else []),
         "pretrain.checkpoint_every=0",
     ]
     names = [v.split("=", 1)[0] for v in args.variants]
@@ -187,13 +190,18 @@ def main() -> None:
     if not variants:
         raise SystemExit(f"no scan results under {runs}")
     dev = sum(1 for line in (workspace / "data" / "corpus" / "qa_dev.jsonl").read_text().splitlines() if line.strip())
+    from realm_core.config import load_params
+
     first = next(iter(variants.values()))
     overrides = dict(o.split("=", 1) for o in first["overrides"])
+    c = load_params(workspace / "params.yaml").pretrain
     results = {
         "config": {
             "workspace": str(workspace),
-            "steps": int(overrides.get("pretrain.steps", args.steps)),
-            "refresh_every": int(overrides.get("pretrain.refresh_every", args.refresh_every)),
+            "steps": int(overrides.get("pretrain.steps", c.steps)),
+            "refresh_every": int(overrides.get("pretrain.refresh_every", c.refresh_every)),
+            "refresh_mode": overrides.get("pretrain.refresh_mode", c.refresh_mode),
+            "refresh_lag": int(overrides.get("pretrain.refresh_lag", c.refresh_lag)),
             "dev_questions": dev,
         },
         "variants": variants,

@@ -35,7 +35,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +98,12 @@ class Models:
     finetune: Path  # query/, reader/
     blocks: Path  # the pipeline's blocks.jsonl: ICT of the re-initialised retriever runs on it
     orqa: Path | None = None  # an ORQA-style fine-tune (`finetune.init: ict`): query/, reader/ over the ICT doc tower
+    ablations: dict[str, Path] = field(default_factory=dict)  # name -> another pre-training's output (retriever/)
 
     @classmethod
-    def workspace(cls, root: Path, params: Params, orqa: Path | None = None) -> "Models":
+    def workspace(
+        cls, root: Path, params: Params, orqa: Path | None = None, ablations: dict[str, Path] | None = None
+    ) -> "Models":
         data = root / "data"
         return cls(
             backbone_dir("minilm"),
@@ -111,6 +114,7 @@ class Models:
             data / "finetune",
             data / "corpus" / "blocks.jsonl",
             orqa,
+            dict(ablations or {}),
         )
 
 
@@ -263,7 +267,19 @@ def realm_retrievers(
             if models.orqa
             else {}
         ),
+        **{
+            f"ablation_{name}": (
+                f"an ablation's REALM pre-training ({path}/retriever), zero-shot",
+                lambda path=path: towers(load_retriever(path / "retriever")),
+            )
+            for name, path in models.ablations.items()
+        },
     }
+
+
+def ablation_comparisons(models: Models) -> tuple[tuple[str, str, str], ...]:
+    """Each ablation's zero-shot recall@5 against the REALM pre-trained retriever it departs from (Table 2)."""
+    return tuple(("zero_shot_recall_at_5", f"ablation_{name}", "realm") for name in models.ablations)
 
 
 # The doc tower each retriever embeds the passages with, when another system shares it: embedded
@@ -526,7 +542,7 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
             f"[quality] reader {name}: " + ", ".join(f"{b.name} EM {entry[b.name]['em']:.2f}" for b in benchmarks),
             flush=True,
         )
-    results["comparisons"] = paired_comparisons(scores, seed=params.seed)
+    results["comparisons"] = paired_comparisons(scores, seed=params.seed, extra=ablation_comparisons(models))
     return results
 
 
@@ -556,14 +572,16 @@ def per_question_recall(
     return {(bench, system, f"zero_shot_recall_at_{k}"): hits[:, j] for j, k in enumerate(KS)}
 
 
-def paired_comparisons(scores: dict[tuple[str, str, str], np.ndarray], seed: int) -> list[dict]:
+def paired_comparisons(
+    scores: dict[tuple[str, str, str], np.ndarray], seed: int, extra: tuple[tuple[str, str, str], ...] = ()
+) -> list[dict]:
     """Each COMPARISONS row on each benchmark where both systems were scored: the difference of
     a and b in points with its paired bootstrap 95% interval (realm_core/stats.py)."""
     from realm_core.stats import paired_bootstrap
 
     out = []
     for bench in sorted({key[0] for key in scores}):
-        for metric, a, b in COMPARISONS:
+        for metric, a, b in (*COMPARISONS, *extra):
             names = SYSTEMS["exact_match" if metric == "exact_match" else "recall"]
             ka, kb = (bench, names.get(a, a), metric), (bench, names.get(b, b), metric)
             if ka in scores and kb in scores:
@@ -713,8 +731,24 @@ def main() -> None:
         default=ROOT / "bench" / "results",
         help="where quality.{json,md} and the PNG go (the committed report: reports/)",
     )
+    parser.add_argument(
+        "--ablation",
+        nargs="*",
+        default=[],
+        metavar="NAME=DIR",
+        help="another pre-training's output (DIR/retriever, e.g. a bench/pretrain_scan.py variant's out/): a zero-shot "
+        "row ablation_NAME, compared with the REALM pre-trained retriever (Table 2)",
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
+    ablations = {}
+    for item in args.ablation:
+        name, sep, path = item.partition("=")
+        if not sep or not (Path(path) / "retriever").is_dir():
+            raise SystemExit(
+                f"error: --ablation {item!r}: expected NAME=DIR with a DIR/retriever/ (a pre-training's output)"
+            )
+        ablations[name] = Path(path)
     from flows.env import configure
 
     configure(ROOT)
@@ -726,7 +760,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     benchmarks = question_sets(args, params)
-    models = Models.workspace(ROOT, params, args.orqa)
+    models = Models.workspace(ROOT, params, args.orqa, ablations)
     results = run(benchmarks, models, params, settings)
     results["config"] = {
         "quick": args.quick,
@@ -734,6 +768,7 @@ def main() -> None:
         "reader_questions": settings.reader_questions,
         "pipeline": pipeline_summary(params),
         "orqa": str(args.orqa) if args.orqa else None,
+        "ablations": {name: str(path) for name, path in ablations.items()},
         "question_files": [str(p) for p in [*args.questions, *args.regex_questions]],
         "passage_tokens": PASSAGE_TOKENS,
         "depth": settings.depth,

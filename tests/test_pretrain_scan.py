@@ -43,7 +43,14 @@ def test_the_report_lists_each_variants_own_overrides_and_its_recall_per_refresh
     variants = bench.collect(tmp_path, None)
     assert [p["step"] for p in variants["gate"]["curve"]] == [0, 50, 100]
     results = {
-        "config": {"workspace": "w", "steps": 151, "refresh_every": 50, "dev_questions": 567},
+        "config": {
+            "workspace": "w",
+            "steps": 151,
+            "refresh_every": 50,
+            "refresh_mode": "sync",
+            "refresh_lag": 0,
+            "dev_questions": 567,
+        },
         "variants": variants,
         "load_average": [1.0, 1.0, 1.0],
     }
@@ -52,7 +59,7 @@ def test_the_report_lists_each_variants_own_overrides_and_its_recall_per_refresh
     assert "pretrain.null_gate=true" in gate and "pretrain.steps" not in gate
     assert "17.8 → 15.5 → 6.2" in gate and "+0.250" in gate and "4.00 → 3.50" in gate
     assert "| base | (workspace params) | 17.8 → 20.6 → 21.5" in md
-    assert "`pretrain.refresh_mode=sync pretrain.steps=151`" in md
+    assert "`pretrain.refresh_mode=sync pretrain.steps=151`" in md and "of the 567 held-out" in md
     bench.plot(results, tmp_path / "scan.png")
     assert (tmp_path / "scan.png").stat().st_size > 1000
 

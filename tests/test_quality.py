@@ -238,6 +238,23 @@ def test_paired_comparisons_pair_the_papers_systems_on_the_same_questions() -> N
     assert em["diff"] == em["ci_low"] == em["ci_high"] == 0.0
 
 
+def test_an_ablation_row_is_compared_with_the_realm_pretrained_retriever(tmp_path) -> None:
+    from bench.quality import Models, ablation_comparisons, paired_comparisons, realm_retrievers
+
+    (tmp_path / "no_null" / "retriever").mkdir(parents=True)
+    models = Models.workspace(tmp_path, Params(), ablations={"no_null": tmp_path / "no_null"})
+    assert "ablation_no_null" in realm_retrievers(models, Params(), Settings(reinit_ict_steps=0), None)
+    extra = ablation_comparisons(models)
+    realm, ablated = np.array([1.0, 1, 1, 0, 1, 1, 0, 1]), np.array([0.0, 1, 0, 0, 1, 0, 0, 1])
+    scores = {
+        ("set", "realm_pretrained", "zero_shot_recall_at_5"): realm,
+        ("set", "ablation_no_null", "zero_shot_recall_at_5"): ablated,
+    }
+    rows = {(c["a"], c["b"]): c for c in paired_comparisons(scores, seed=0, extra=extra)}
+    assert rows[("ablation_no_null", "realm")]["diff"] == -37.5
+    assert ("ablation_no_null", "realm") not in {(c["a"], c["b"]) for c in paired_comparisons(scores, seed=0)}
+
+
 def test_cloze_benchmark_takes_the_named_articles_blocks_as_gold(tmp_path) -> None:
     import json
 
