@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 from bench.publish import publish  # noqa: E402
 from bench.quality_report import markdown_report, plot_comparisons, plot_recall_curves  # noqa: E402
 from realm_core.benchmarks import (  # noqa: E402
+    SQUAD_ZIP,
+    VITAL_LINKED,
     VITAL_PASSAGES,
     Benchmark,
     BlockCorpus,
@@ -649,6 +651,23 @@ def pipeline_summary(params: Params) -> str:
     )
 
 
+def check_data(data: Path) -> None:
+    """Stop with one line, before any model loads, when --data lacks a file the question sets read."""
+    if not data.is_dir():
+        raise SystemExit(
+            f"error: --data {data}: no such folder; pass --data DIR, the shared data folder (SOURCES.md; default ../shared/data)"
+        )
+    missing = [
+        name
+        for name in (VITAL_PASSAGES, *(n for n, _ in VITAL_LINKED.values()), SQUAD_ZIP)
+        if not (data / name).is_file()
+    ]
+    if missing:
+        raise SystemExit(
+            f"error: --data {data}: missing {', '.join(missing)}; pass --data DIR, the shared data folder (SOURCES.md)"
+        )
+
+
 def question_sets(args: argparse.Namespace, params: Params) -> list[Benchmark]:
     """cloze and vital_linked over the pipeline's own blocks (vital_linked over its sampled corpus
     when the blocks lack linked articles), SQuAD-open's test half, then each --questions file."""
@@ -741,6 +760,7 @@ def main() -> None:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
+    check_data(args.data)
     ablations = {}
     for item in args.ablation:
         name, sep, path = item.partition("=")

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 -m flows.cli train pretrain   a training stage on 2 processes (DDP)
     realm serve --cron "0 3 * * *"              serve the pipeline on a schedule (Prefect)
     realm ui [--tool prefect]                   MLflow (or Prefect) UI on 127.0.0.1
+    realm plots                                 dvc.yaml's plots as PNGs + dvc_plots/offline.html (no internet)
     realm ask "who wrote hamlet?" [--json]      answer + retrieved evidence (latest fine-tuned model)
     realm serve-api [--port 8000]               the same over HTTP (POST /ask) on 127.0.0.1
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -221,6 +223,123 @@ def runs(
             f"KILLED {run.info.run_id}  {tags.get('realm.stage', '?'):9} {run.info.run_name}  (pid {tags.get('realm.pid')} is gone)"
         )
     typer.echo(f"{len(closed)} stale run(s) closed")
+
+
+def _listed(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def plot_definitions(root) -> list[dict]:
+    """dvc.yaml's plots, top-level first, then each stage's: {id, title, x_label, y_label, series},
+    each series a (file, x field, y field). The subset of DVC's plot syntax that dvc.yaml uses."""
+    import yaml
+
+    config = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    items = [*config.get("plots", [])]
+    items += [item for stage in config.get("stages", {}).values() for item in stage.get("plots", [])]
+    out = []
+    for item in items:
+        plot_id, props = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        props = props or {}
+        x, y = props.get("x"), props.get("y")
+        files = y if isinstance(y, dict) else {plot_id: y}  # else the plot id is the file
+        series = [
+            (file, x.get(file) if isinstance(x, dict) else x, field)
+            for file, fields in files.items()
+            for field in _listed(fields)
+        ]
+        name = plot_id if isinstance(y, dict) else Path(plot_id).stem  # the PNG's name
+        out.append(
+            {
+                "id": plot_id,
+                "name": name,
+                "series": series,
+                **{k: props.get(k) for k in ("title", "x_label", "y_label")},
+            }
+        )
+    return out
+
+
+def read_series(root, file: str, x: str | None, y: str) -> tuple[list[float], list[float]] | None:
+    """(xs, ys) of the rows where the y cell is not empty (None if the file or the field is missing);
+    x None is the row index, as in DVC."""
+    import csv
+
+    path = root / file
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    if not rows or y not in rows[0] or (x is not None and x not in rows[0]):
+        return None
+    kept = [(i if x is None else float(r[x]), float(r[y])) for i, r in enumerate(rows) if r[y] and (x is None or r[x])]
+    return [p[0] for p in kept], [p[1] for p in kept]
+
+
+def render_plots(root, out) -> list:
+    """One PNG per plot of dvc.yaml into `out`, and `out`/offline.html showing them all (no scripts)."""
+    import html
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written, sections = [], []
+    for plot in plot_definitions(root):
+        drawn, missing = [], []
+        for series in plot["series"]:
+            data = read_series(root, *series)
+            if data and data[0]:
+                drawn.append((series, data))
+            else:
+                missing.append(f"{series[0]}:{series[2]}")
+        if missing or not plot["series"]:
+            typer.echo(f"{plot['id']}: no data for {', '.join(missing) or 'it (no y field declared)'}", err=True)
+        if not drawn:
+            continue
+        files = {s[0] for s, _ in drawn}
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for (file, _, field), (xs, ys) in drawn:
+            label = f"{Path(file).stem.removesuffix('_curve')}: {field}" if len(files) > 1 else field
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=4, label=label)
+        ax.set_title(plot["title"] or plot["id"], fontsize=10)
+        ax.set_xlabel(plot["x_label"] or drawn[0][0][1] or "index")
+        ax.set_ylabel(plot["y_label"] or (drawn[0][0][2] if len(drawn) == 1 else ""))
+        if len(drawn) > 1:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        png = out / (re.sub(r"[^\w.-]+", "_", plot["name"]) + ".png")
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        written.append(png)
+        sections.append(f"<h2>{html.escape(plot['id'])}</h2>\n<img src='{png.name}' alt='{html.escape(plot['id'])}'>")
+    page = "<!doctype html>\n<meta charset='utf-8'>\n<title>realm curves</title>\n" + "\n".join(sections) + "\n"
+    (out / "offline.html").write_text(page, encoding="utf-8")
+    return written
+
+
+@app.command()
+def plots(
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for the PNGs and offline.html (default: dvc_plots/ in the project)"),
+    ] = None,
+) -> None:
+    """The plots of dvc.yaml (metrics/<stage>_curve.tsv) as PNGs and one offline.html, no internet needed;
+    empty cells are skipped, never drawn as 0. `dvc plots show` draws the same plots with vega from a CDN."""
+    from flows.env import project_root
+
+    root = project_root()
+    written = render_plots(root, out or root / "dvc_plots")
+    if not written:
+        _fail("no curve files to plot: the training stages write metrics/<stage>_curve.tsv (`realm run`)")
+    for png in written:
+        typer.echo(png)
+    typer.echo(f"open {written[0].parent / 'offline.html'}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, ValidationError
 
 from flows.env import project_root
 from flows.resume import close_stale_runs, process_tags
@@ -45,9 +46,59 @@ class PipelineError(RuntimeError):
     """DVC exited non-zero; the stage's own error is printed above."""
 
 
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _expected(annotation, metadata=()) -> str:
+    """What a params field takes, in words: "a number (float) > 0", "one of 'a', 'b'", "..., or null"."""
+    from types import NoneType, UnionType
+    from typing import Literal, Union, get_args, get_origin
+
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType) and NoneType in args:
+        inner = [a for a in args if a is not NoneType]
+        return f"{_expected(inner[0] if len(inner) == 1 else Union[tuple(inner)], metadata)}, or null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a section of keys (a mapping)"
+    words = {bool: "true or false (bool)", int: "an integer (int)", float: "a number (float)", str: "a string (str)"}
+    text = words.get(annotation) or (f"a list ({annotation})" if origin is list else str(annotation))
+    bounds = [f"{op} {getattr(m, k)}" for m in metadata for k, op in _BOUNDS.items() if getattr(m, k, None) is not None]
+    return " ".join([text, " and ".join(bounds)]) if bounds else text
+
+
+def _override_errors(exc, overrides: list[str]) -> str:
+    """A pydantic ValidationError of params + overrides as one line: each bad -S with what its key takes."""
+    keys = [item.partition("=")[0].split(".") for item in overrides]
+    found = {}
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        model, info = Params, None  # the deepest params field on the error's path
+        for part in loc:
+            if not (isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields):
+                break
+            info = model.model_fields[part]
+            model = info.annotation
+        matches = [i for i, key in enumerate(keys) if key == loc[: len(key)]]
+        if err["type"] == "value_error":  # a validator's own message says what is wrong
+            detail = err["msg"].removeprefix("Value error, ")
+        elif info is not None:
+            detail = f"expected {_expected(info.annotation, info.metadata)}"
+        else:
+            detail = f"{'.'.join(loc)}: {err['msg']}"
+        where = matches[-1] if matches else len(overrides)  # the last -S of a key wins
+        label = f"-S {overrides[where]}" if matches else "-S " + " -S ".join(overrides)
+        found.setdefault((where, label), []).append(detail)
+    return "; ".join(f"{label}: {', '.join(dict.fromkeys(details))}" for (_, label), details in sorted(found.items()))
+
+
 def check_overrides(params_file: Path, overrides: list[str]) -> Params:
     """Validate params.yaml and the `-S key=value` overrides on it before DVC sees them, and the
-    backbone they name (its config.json must be a BERT's); return the params a run would use."""
+    backbone they name (its config.json must be a BERT's); return the params a run would use.
+
+    A bad value is one line naming the override and what its key takes, e.g.
+    `-S finetune.lr=abc: expected a number (float) > 0`."""
     load_params(params_file)
     raw = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
     known = set(flatten(Params().model_dump()))
@@ -61,11 +112,14 @@ def check_overrides(params_file: Path, overrides: list[str]) -> Params:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"-S {item}: the value is not valid YAML") from None
     try:
         params = Params.model_validate(raw)
-    except Exception as exc:  # pydantic ValidationError, reported with the override named
-        raise ParamsError(f"-S {' -S '.join(overrides)}: {exc}") from None
+    except ValidationError as exc:
+        raise ParamsError(_override_errors(exc, overrides)) from None
     backbone_dir(params.model.backbone, params_file.parent)  # InputError before any stage runs
     return params
 

@@ -43,6 +43,67 @@ def test_overrides_are_validated_before_dvc_runs():
         check_overrides(ROOT / "params.yaml", ["seed"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.lr=abc", "-S finetune.lr=abc: expected a number (float) > 0"),
+        ("pretrain.top_k=1", "-S pretrain.top_k=1: expected an integer (int) >= 2"),
+        ("pretrain.null_block=maybe", "-S pretrain.null_block=maybe: expected true or false (bool)"),
+        (
+            "pretrain.masking=foo",
+            "-S pretrain.masking=foo: expected one of 'salient', 'random_tokens', 'random_spans'",
+        ),
+        ("corpus.max_passages=all", "-S corpus.max_passages=all: expected an integer (int) >= 1, or null"),
+        (
+            "evaluate.recall_at=[0]",
+            "-S evaluate.recall_at=[0]: recall_at must be a non-empty list of positive integers",
+        ),
+        ("finetune.lr=[1,", "-S finetune.lr=[1,: the value is not valid YAML"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_it_and_what_its_key_takes(override, message):
+    with pytest.raises(ParamsError) as raised:
+        check_overrides(ROOT / "params.yaml", ["finetune.lr=3e-5", override])
+    assert str(raised.value) == message
+
+
+def test_several_bad_overrides_are_one_line_in_the_order_given():
+    with pytest.raises(ParamsError) as raised:
+        check_overrides(ROOT / "params.yaml", ["pretrain.masking=foo", "seed=1", "finetune.lr=abc"])
+    assert str(raised.value) == (
+        "-S pretrain.masking=foo: expected one of 'salient', 'random_tokens', 'random_spans'; "
+        "-S finetune.lr=abc: expected a number (float) > 0"
+    )
+
+
+def test_realm_run_with_a_bad_override_prints_one_error_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--temp", "-S", "finetune.lr=abc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: -S finetune.lr=abc: expected a number (float) > 0"
+
+
+def test_bench_quality_without_its_data_folder_stops_with_one_line(tmp_path):
+    """Before any question set or model loads: the message names the folder and the flag."""
+    missing = tmp_path / "nonexistent"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--data", str(missing), "--no-mlflow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: --data {missing}: no such folder; pass --data DIR, the shared data folder (SOURCES.md; default ../shared/data)"
+    ]
+    assert "Traceback" not in out.stderr + out.stdout and not out.stdout
+
+
 def test_dvc_argv_is_repro_or_exp_run_and_never_a_shell_string():
     repro = dvc_command([], force=False, name=None)
     assert repro[1:] == ["-m", "dvc", "repro"]

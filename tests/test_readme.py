@@ -31,6 +31,8 @@ COVERED = {
     "realm serve --cron": "tests/test_orchestration.py::test_serve_builds_a_cron_scheduled_deployment_of_the_pipeline",
     "realm ask": "tests/test_answer.py::test_ask_json_prints_one_object_equal_to_answer_question",
     "realm bench": "tests/test_orchestration.py::test_realm_bench_runs_the_named_script_with_its_arguments",
+    "realm plots": "tests/test_plots.py::test_realm_plots_writes_a_png_per_plot_from_the_same_points",
+    "dvc plots show": "tests/test_plots.py::test_each_plot_draws_its_y_fields_and_no_empty_cell",
     "python bench/diagnose.py": "tests/test_diagnose.py::test_diagnose_reports_the_probe_gains_of_each_stage_and_the_candidates",
     "dvc repro -s -f": "tests/test_pipeline.py::test_one_stage_alone_gets_its_own_top_level_run",
     "dvc repro -f -s": "tests/test_pipeline.py::test_one_stage_alone_gets_its_own_top_level_run",
