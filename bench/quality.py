@@ -128,6 +128,10 @@ class Settings:
         None  # None = params.ict.steps (the pipeline's ICT recipe); 0 = no random_init_ict row
     )
     batch_size: int = 64
+    only: frozenset[str] | None = None  # score only these systems (retrievers and readers); None = all
+
+    def selected(self, name: str) -> bool:
+        return self.only is None or name in self.only
 
 
 # ============================================================================ retrieval
@@ -453,6 +457,8 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
         }
 
     def record(name: str, what: str, rank: Callable[[Benchmark], list[list[int]]]) -> None:
+        if not settings.selected(name):
+            return
         start = time.perf_counter()
         entry = results["retrievers"].setdefault(name, {"description": what})
         for b in benchmarks:
@@ -474,18 +480,21 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
         "BM25 (bm25s, Lucene k1=1.5 b=0.75), no training",
         lambda b: bm25_retrieve(passage_texts(b), [q.question for q in b.questions], settings.depth),
     )
-    minilm = SentenceTransformer(str(models.minilm), device="cpu")
-    minilm.max_seq_length = PASSAGE_TOKENS
-    record(
-        "minilm",
-        "all-MiniLM-L6-v2 off the shelf (6 layers, mean pooling, cosine); SUPERVISED on NQ/SQuAD-train etc.",
-        lambda b: dense_rankings(
-            encode_minilm(minilm, passage_texts(b), settings.batch_size),
-            encode_minilm(minilm, [q.question for q in b.questions], settings.batch_size),
-            settings.depth,
-        ),
-    )
+    if settings.selected("minilm"):
+        minilm = SentenceTransformer(str(models.minilm), device="cpu")
+        minilm.max_seq_length = PASSAGE_TOKENS
+        record(
+            "minilm",
+            "all-MiniLM-L6-v2 off the shelf (6 layers, mean pooling, cosine); SUPERVISED on NQ/SQuAD-train etc.",
+            lambda b: dense_rankings(
+                encode_minilm(minilm, passage_texts(b), settings.batch_size),
+                encode_minilm(minilm, [q.question for q in b.questions], settings.batch_size),
+                settings.depth,
+            ),
+        )
     for name, (what, load) in realm_retrievers(models, params, settings, tokenizer).items():
+        if not settings.selected(name):
+            continue
         query, doc = load()
 
         def rank(b: Benchmark, query=query, doc=doc, name=name) -> list[list[int]]:
@@ -524,6 +533,10 @@ def run(benchmarks: list[Benchmark], models: Models, params: Params, settings: S
     }
     encoder = load_encoder(models.pretrain / "encoder")
     for name, (what, retrieval, trained) in readers.items():
+        if not settings.selected(name):
+            continue
+        if trained is not None and not settings.selected(retrieval):
+            raise SystemExit(f"error: --only {name} also needs the retriever it reads from: add {retrieval}")
         start = time.perf_counter()
         entry = results["readers"].setdefault(name, {"description": what, "retrieval": retrieval})
         if trained:
@@ -758,6 +771,13 @@ def main() -> None:
         help="another pre-training's output (DIR/retriever, e.g. a bench/pretrain_scan.py variant's out/): a zero-shot "
         "row ablation_NAME, compared with the REALM pre-trained retriever (Table 2)",
     )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        metavar="SYSTEM",
+        help="score only these retrievers/readers, e.g. `--only ict realm_pretrained ablation_NAME` to score "
+        "ablations quickly (default: every system)",
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args()
     check_data(args.data)
@@ -777,6 +797,7 @@ def main() -> None:
     settings = Settings(
         reader_questions=20 if args.quick else args.reader_questions,
         reinit_ict_steps=1 if args.quick else args.reinit_ict_steps,
+        only=frozenset(args.only) if args.only else None,
     )
     started = time.perf_counter()
     benchmarks = question_sets(args, params)

@@ -190,6 +190,19 @@ def test_whole_bench_on_tiny_models(tiny_models, tmp_path) -> None:
     _check_mlflow_run(results, png, tmp_path)
 
 
+def test_only_scores_the_named_systems_and_the_report_still_renders(tiny_models, tmp_path) -> None:
+    params = Params()
+    only = frozenset({"ict", "realm_pretrained"})
+    results = run(_tiny_benchmarks()[:1], tiny_models, params, Settings(depth=4, reader_questions=2, only=only))
+    assert set(results["retrievers"]) == only and results["readers"] == {}
+    assert {(c["a"], c["b"]) for c in results["comparisons"]} == {("realm", "ict")}
+    results["config"] = {"quick": True, "reader_questions": 2, "passage_tokens": 256, "threads": 1}
+    assert "| tiny | zero_shot_recall_at_5 | realm - ict |" in markdown_report(results)
+    assert plot_comparisons(results, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="add orqa_finetuned"):  # a reader without the retriever it reads from
+        run(_tiny_benchmarks()[:1], tiny_models, params, Settings(depth=4, only=frozenset({"orqa"})))
+
+
 def _check_mlflow_run(results: dict, png, tmp_path) -> None:
     """The run lands in the "realm-bench" experiment with metrics, the recall curve by step and the plot."""
     import os
