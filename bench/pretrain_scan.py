@@ -102,8 +102,8 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     shared = set.intersection(*(set(v["overrides"]) for v in results["variants"].values()))
-    lines.insert(4, f"Every variant: `{' '.join(sorted(shared))}`.")
-    lines.insert(5, "")
+    if shared:
+        lines[4:4] = [f"Every variant: `{' '.join(sorted(shared))}`.", ""]
     for name, v in results["variants"].items():
         own = [o for o in v["overrides"] if o not in shared]
         r5 = " → ".join(f"{p['dev_recall_at_5']:.1f}" for p in v["curve"])
