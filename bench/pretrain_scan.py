@@ -114,7 +114,7 @@ def markdown(results: dict) -> str:
             f"| {name} | {' '.join(own) or '(workspace params)'} | {r5} | "
             f"{'–' if ru is None else f'{ru:+.3f}'} | {'–' if pn is None else f'{pn:.3f}'} | {gain} | {v['seconds'] / 60:.1f} min |"
         )
-    lines += ["", f"Load average at the end: {results['load_average']}.", ""]
+    lines += ["", f"Load average when this report was written: {results['load_average']}.", ""]
     return "\n".join(lines)
 
 
