@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("pretrain_scan", ROOT / "bench" / "pretrain_scan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _result(run: Path, overrides: list[str], r5: list[float]) -> None:
@@ -36,7 +28,8 @@ def _result(run: Path, overrides: list[str], r5: list[float]) -> None:
 
 
 def test_the_report_lists_each_variants_own_overrides_and_its_recall_per_refresh(tmp_path):
-    bench = _bench()
+    from bench import pretrain_scan as bench
+
     common = ["pretrain.steps=151", "pretrain.refresh_mode=sync"]
     _result(tmp_path / "base", common, [17.8, 20.6, 21.5])
     _result(tmp_path / "gate", [*common, "pretrain.null_gate=true"], [17.8, 15.5, 6.2])
