@@ -103,12 +103,13 @@ class NullScore(nn.Module):
 
     With `gate` (switch `pretrain.null_gate`, a further departure) the null block's share is a
     gate, p(null | x) = sigmoid(bias), and the retrieved blocks share the rest by softmax f(x, z):
-    its score is bias + logsumexp_z f(x, z). Why: in one softmax, whenever the null block predicts
-    the span better than the average retrieved block (most blocks do not hold it), the gradient
-    lowers every retrieved score at once, which moves each query away from all its ICT neighbours
-    and each block away from the queries that retrieve it. On the quality profile zero-shot R@5
-    fell from 17.8 to 6.7 over pre-training that way. Under the gate the retrieved scores only
-    compete with each other: their gradients sum to zero per query (tests/test_learning.py).
+    its score is bias + logsumexp_z f(x, z). The hypothesis it tests: in one softmax, whenever the
+    null block predicts the span better than the average retrieved block, the gradient lowers every
+    retrieved score at once, moving each query away from all its ICT neighbours. Under the gate the
+    retrieved scores only compete with each other: their gradients sum to zero per query
+    (tests/test_learning.py). Measured, it is worse (held-out R@5 17.8 -> 6.2 in 151 steps, against
+    21.5 without it: reports/pretrain_scan.md), so it is off; the fall of R@5 over pre-training came
+    from a stale index instead (DESIGN.md 1b).
     """
 
     def __init__(self, gate: bool = False):
