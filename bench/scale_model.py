@@ -498,7 +498,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_flop_ratio": fact(realm_step / step["flops"]["value"], "realm_step_flops / measured step's flops"),
     }
     c = params.pretrain
-    metrics = json.loads(args.pretrain_metrics.read_text()) if args.pretrain_metrics.is_file() else {}
+    metrics = {}
+    cost = args.pretrain_metrics.with_suffix(".resources.json")  # the timings (flows/tracking.is_resource)
+    for file in (args.pretrain_metrics, cost):
+        if file.is_file():
+            metrics.update(json.loads(file.read_text()))
     predicted_build = (
         doc["blocks"]["value"] * doc["threads"]["value"] / doc["blocks_per_second"]["value"] / c.refresh_threads
     )
@@ -523,7 +527,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "measured_initial_index_seconds": fact(
                     metrics["initial_index_seconds"],
-                    f"{_rel(args.pretrain_metrics)} initial_index_seconds (2 threads, with tokenising, faiss and I/O)",
+                    f"{_rel(cost)} initial_index_seconds (2 threads, with tokenising, faiss and I/O)",
                 ),
                 "predicted_initial_index_seconds": fact(
                     doc["blocks"]["value"] / doc["blocks_per_second"]["value"], "doc blocks / doc blocks_per_second"

@@ -190,11 +190,16 @@ def stage_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 
 def read_metrics(root: Path) -> dict[str, dict[str, float]]:
+    """Each stage's metrics/<stage>.json, with what its last run cost (metrics/<stage>.resources.json)."""
     out = {}
     for stage in STAGES:
-        file = Paths(root).metrics(stage)
-        if file.exists():
-            out[stage] = json.loads(file.read_text())
+        paths = Paths(root)
+        if paths.metrics(stage).exists():
+            cost = paths.resources(stage)
+            out[stage] = {
+                **json.loads(paths.metrics(stage).read_text()),
+                **(json.loads(cost.read_text()) if cost.exists() else {}),
+            }
     return out
 
 

@@ -218,7 +218,8 @@ class StepRecorder:
         return sorted({k for row in self.rows.values() for k in row})
 
     def write_tsv(self, path: Path) -> None:
-        cols = self.columns()
+        """The curve DVC plots and git tracks: timings are left out (is_resource); MLflow has them."""
+        cols = [c for c in self.columns() if not is_resource(c)]
         lines = ["\t".join(["step", *cols])]
         for step in sorted(self.rows):
             row = self.rows[step]
@@ -267,14 +268,31 @@ class StageContext:
         return {k: self.recorder.last[k] for k in keys if k in self.recorder.last}
 
     def set_final(self, metrics: dict[str, float]) -> None:
-        """The stage's result: written to metrics/<stage>.json (DVC) and to the MLflow run, with the
-        stage's peak memory added on success (`peak_rss_mb`, `peak_rss_children_mb`, realm_core/memory.py)."""
+        """The stage's result: written to the MLflow run and to metrics/<stage>.json (DVC), with the
+        stage's peak memory added on success (`peak_rss_mb`, `peak_rss_children_mb`, realm_core/memory.py);
+        those and every timing go to metrics/<stage>.resources.json instead (is_resource)."""
         self.final = {k: float(v) for k, v in metrics.items()}
 
 
 # Issue 13: the full-corpus default pipeline stays under 8 GB. A stage above it warns (it does not fail).
 MEMORY_BUDGET_MB = 8192.0
 MEMORY_KEYS = ("peak_rss_mb", "peak_rss_children_mb")
+
+
+def is_resource(key: str) -> bool:
+    """A measurement of cost, not of the model: peak memory and anything timed (`*_seconds`).
+    It changes with the load, so it goes to MLflow and metrics/<stage>.resources.json, never to
+    the tracked metrics/<stage>.json or curve TSV: the same commit, params and seed then leave
+    `git status` clean (issue 16)."""
+    return key in MEMORY_KEYS or key.endswith("_seconds")
+
+
+def split_resources(values: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(the model's metrics, the run's resources) of a stage result."""
+    return (
+        {k: v for k, v in values.items() if not is_resource(k)},
+        {k: v for k, v in values.items() if is_resource(k)},
+    )
 
 
 def _add_peak_memory(ctx: StageContext) -> None:
@@ -324,11 +342,14 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
     paths, stage = ctx.paths, ctx.stage
     _add_peak_memory(ctx)  # the stage's work, before the plot and the output hashing below
     metrics_file = paths.metrics(stage)
-    write_json(metrics_file, ctx.final)
+    model, resources = split_resources(ctx.final)
+    write_json(metrics_file, model)
+    write_json(paths.resources(stage), resources)
     client.log_batch(
         ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()]
     )
     client.log_artifact(ctx.run_id, str(metrics_file))
+    client.log_artifact(ctx.run_id, str(paths.resources(stage)))
     if ctx.recorder.rows:
         curve = paths.curve(stage)
         ctx.recorder.write_tsv(curve)

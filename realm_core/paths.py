@@ -124,6 +124,11 @@ class Paths:
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
 
+    def resources(self, stage: str) -> Path:
+        """What the stage cost (peak memory, seconds): it varies with the machine's load, so it is
+        kept out of metrics/<stage>.json, which git and DVC track (neither tracks this file)."""
+        return self.root / "metrics" / f"{stage}.resources.json"
+
     def curve(self, stage: str) -> Path:
         """Per-step training metrics as TSV: DVC plots and the MLflow loss-curve artefact read it."""
         return self.root / "metrics" / f"{stage}_curve.tsv"

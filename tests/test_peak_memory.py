@@ -67,12 +67,14 @@ def test_every_stage_result_holds_its_peak_memory_and_its_childrens(tmp_path, mo
     with caplog.at_level(logging.WARNING), tracking.stage_run("corpus", root) as ctx:
         memory.note_child_peak(300.0)  # what the index builder's messages do
         memory.note_child_peak(120.0)
-        ctx.set_final({"blocks": 10})
-    written = json.loads((root / "metrics" / "corpus.json").read_text())
-    assert set(written) == {"blocks", "peak_rss_mb", "peak_rss_children_mb"}
+        ctx.set_final({"blocks": 10, "build_seconds": 2.5})
+    tracked = json.loads((root / "metrics" / "corpus.json").read_text())
+    assert tracked == {"blocks": 10.0}  # what git and DVC track holds no cost that varies with the load
+    written = json.loads((root / "metrics" / "corpus.resources.json").read_text())
+    assert set(written) == {"build_seconds", "peak_rss_mb", "peak_rss_children_mb"}
     assert written["peak_rss_mb"] >= held - 1  # a peak: at least what it held before the stage
     assert written["peak_rss_children_mb"] == 300.0  # the largest child, not the last or a sum
-    assert ctx.final == written
+    assert ctx.final == {**tracked, **written}
     run = MlflowClient().get_run(ctx.run_id)
     assert run.info.status == "FINISHED"
     for key in ("peak_rss_mb", "peak_rss_children_mb"):
@@ -113,3 +115,17 @@ def test_the_parent_run_shows_the_pipelines_peak_not_evaluates_memory_as_the_eva
     }
     assert parent_metrics(metrics) == {"exact_match": 5.0, "pipeline_peak_rss_mb": 2200.0}
     assert parent_metrics({"evaluate": {"exact_match": 5.0}}) == {"exact_match": 5.0}
+
+
+def test_the_tracked_curve_leaves_out_timings_that_mlflow_still_gets(tmp_path):
+    """A curve column that is timed changes with the load; it would leave `git status` dirty after
+    every run of the same commit (issue 16, item 4), so the curve TSV drops it."""
+    from flows.tracking import StepRecorder
+
+    recorder = StepRecorder(client=None, run_id="test", flush_every=10**9)  # never flushes to MLflow
+    for step in range(3):
+        recorder({"loss": 1.0 / (step + 1), "refresh_wait_seconds": 0.1 * step, "peak_rss_mb": 5.0}, step)
+    recorder.write_tsv(tmp_path / "curve.tsv")
+    header = (tmp_path / "curve.tsv").read_text().splitlines()[0].split("\t")
+    assert header == ["step", "loss"]
+    assert [m.key for m in recorder._pending].count("refresh_wait_seconds") == 3  # still on its way to MLflow
