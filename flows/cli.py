@@ -50,6 +50,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM (flows/procs.interrupt_on_sigterm): one line, exit 130 as a shell would."""
+    typer.secho(f"error: interrupted ({str(exc) or 'Ctrl-C'}); children stopped", fg=typer.colors.RED, err=True)
+    raise typer.Exit(130)
+
+
 def _user_errors():
     from realm_core.config import ParamsError
     from realm_core.io import InputError
@@ -114,7 +120,9 @@ def run(
 
     from flows.lock import WorkspaceBusy, workspace_lock
     from flows.pipeline import PipelineError, check_overrides, pipeline_flow, profile_overrides
+    from flows.procs import interrupt_on_sigterm, prefect_api
 
+    interrupt_on_sigterm()
     try:
         # before anything touches params.yaml; --temp works in a copy of the workspace
         with nullcontext() if temp else workspace_lock(root):
@@ -123,9 +131,12 @@ def run(
                 *(set_params or []),
             ]  # an explicit -S wins
             check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
-            result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
+            with prefect_api():  # stops last, after DVC and its stages (flows/procs.py)
+                result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
     except (*_user_errors(), PipelineError, WorkspaceBusy) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     _print_summary(result)
 
 
@@ -139,9 +150,18 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     root = configure()
     import importlib
     import logging
+    import signal
 
+    from flows.procs import interrupt_on_sigterm, prefect_api
     from realm_core.config import load_params
     from realm_core.paths import backbone_dir
+    from realm_core.procs import die_with_parent
+
+    if os.environ.get("DVC_STAGE"):  # started by DVC: end with it, even if it is SIGKILLed (flows/procs.py)
+        # SIGKILL: with DVC gone nothing can record this stage's result, and the Prefect server that
+        # died with the run would keep a caught signal's cleanup retrying the API for minutes
+        die_with_parent(signal.SIGKILL)
+    interrupt_on_sigterm()
 
     try:  # bad params or a non-BERT backbone: one message, before Prefect starts a server
         backbone_dir(load_params(root / "params.yaml").model.backbone, root)
@@ -151,9 +171,12 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     for logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(logger).addFilter(_no_traceback_for_user_errors)
     try:
-        final = flow_fn()
+        with prefect_api():  # this stage's own temporary server when no run shares one; stops last
+            final = flow_fn()
     except _user_errors() as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     typer.echo(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
 
@@ -171,12 +194,16 @@ def train(name: Annotated[TrainingStage, typer.Argument(help="the training stage
     `dvc commit <name>` records them. One process without torchrun works too (flows/train.py).
     """
     root = configure()
+    from flows.procs import interrupt_on_sigterm
     from flows.train import train_stage
 
+    interrupt_on_sigterm()
     try:
         final = train_stage(name.value, root)
     except _user_errors() as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     if final:
         typer.echo(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ValidationError
 
 from flows.env import project_root
+from flows.procs import run_child
 from flows.resume import close_stale_runs, process_tags
 from flows.tracking import (
     MEMORY_KEYS,
@@ -247,7 +247,7 @@ def pipeline_flow(
     status = "FAILED"
     try:
         # DVC's and the stages' output goes straight to the terminal (live progress bars).
-        returncode = subprocess.run(cmd, cwd=root_dir, env=stage_environment(parent)).returncode
+        returncode = run_child(cmd, root_dir, stage_environment(parent))  # dies with us (flows/procs.py)
         log_params(client, parent, load_params(root_dir / "params.yaml"))  # after `exp run -S`: the experiment's values
         children = stage_runs(client, experiment_id, parent)
         table = [

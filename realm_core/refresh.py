@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir
 from realm_core.memory import note_child_peak, peak_rss_mb
 from realm_core.modeling import Embedder, load_embedder, load_tokenizer, save_embedder
+from realm_core.procs import children_ignore_sigint, die_with_parent
 
 
 def build_index(
@@ -221,7 +223,8 @@ class AsyncRefresher(Refresher):
             self._results,
         )
         self._proc = ctx.Process(target=_builder_main, args=args, name="realm-index-builder", daemon=True)
-        self._proc.start()
+        with children_ignore_sigint():  # the trainer stops it (close); a Ctrl-C goes to the trainer alone
+            self._proc.start()
 
     def _submit(self, doc: Embedder, step: int) -> None:
         with atomic_dir(self.work_dir / f"embedder-{step}") as tmp:
@@ -318,6 +321,7 @@ def _builder_main(
     `parent` is the trainer's pid, passed in: if the trainer died while this process started,
     os.getppid() here would already be the reaper's.
     """
+    die_with_parent(signal.SIGTERM, parent)  # even mid-build, when the trainer is SIGKILLed (realm_core/procs.py)
     torch.set_num_threads(threads)
     delay = float(os.environ.get(BUILDER_DELAY_ENV, "0"))  # fault injection: a slow builder (tests of refresh_lag)
     work = Path(work_dir)

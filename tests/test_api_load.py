@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,3 +165,24 @@ def test_the_server_is_stopped_after_an_exception_killed_if_it_ignores_terminate
             assert proc.poll() is None and log.exists()
             raise RuntimeError("mid-load")
     assert proc.returncode == -signal_ and not _alive(proc.pid) and not log.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_realm_serve_api_ends_on_every_signal_and_leaves_no_process(project, sig):
+    """Issue 16, item 2 for `realm serve-api` (the other commands: tests/test_no_orphans.py)."""
+    import psutil
+
+    port = al.free_port()
+    realm = str(Path(sys.executable).parent / "realm")
+    proc = subprocess.Popen([realm, "serve-api", "--port", str(port)], cwd=project, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        c.laddr.port == port for c in psutil.Process(proc.pid).net_connections(kind="tcp")
+    ):
+        assert proc.poll() is None, "serve-api exited before it listened"
+        time.sleep(0.3)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(sig)
+    proc.wait(timeout=20)
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    assert alive == [] and not _alive(proc.pid)
