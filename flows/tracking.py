@@ -362,6 +362,25 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
         client.set_tag(ctx.run_id, f"dvc.out.{rel.as_posix()}.md5", dvc_out_md5(out_dir))
 
 
+def stage_paths(root: Path) -> Paths:
+    """The stage's paths. DVC runs a --temp or queued experiment in a temporary copy of the
+    workspace that is deleted when it ends, so that experiment's resumable state (checkpoints)
+    lives in the workspace it came from (DVC_ROOT): runs/exps/<key>/<stage>/, keyed by a
+    fingerprint of its params.yaml and baseline commit. A killed experiment requeued with the same
+    params resumes, named or not; the stage checkpointer still checks its own fingerprint
+    (params and code, tasks/training.stage_fingerprint) before it resumes anything."""
+    origin = os.environ.get("DVC_ROOT")
+    if not origin or Path(origin).resolve() == Path(root).resolve():
+        return Paths(root)
+    digest = hashlib.sha256((Path(root) / "params.yaml").read_bytes())
+    digest.update(os.environ.get("DVC_EXP_BASELINE_REV", "").encode())
+    runs = Path(origin) / "runs" / "exps" / digest.hexdigest()[:16]
+    runs.mkdir(parents=True, exist_ok=True)
+    name = os.environ.get("DVC_EXP_NAME", "")
+    (runs / "experiment.txt").write_text(f"last run as {name or '(unnamed)'} from {root}\n", encoding="utf-8")
+    return Paths(root, runs=runs)
+
+
 @contextmanager
 def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     """Open the stage's MLflow run; on success write its metrics and artefacts, else mark it failed.
@@ -375,7 +394,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     root = project_root(root)
     params = load_params(root / "params.yaml")
-    paths = Paths(root)
+    paths = stage_paths(root)
     client = tracking_client()
     tags = {
         "realm.stage": stage,

@@ -126,16 +126,16 @@ def train_stage(stage: str, root: Path | None = None) -> dict[str, float]:
         format=f"%(asctime)s rank {distributed.rank()} %(name)s: %(message)s",
     )
     try:
-        if distributed.is_master():
-            from flows.tracking import stage_run
+        from flows.tracking import stage_paths, stage_run
 
+        if distributed.is_master():
             with stage_run(stage, root) as ctx, atomic_dir(getattr(ctx.paths, stage)) as out:
                 ctx.recorder.client.set_tag(ctx.run_id, "realm.world_size", str(distributed.world_size()))
                 ctx.set_final(STAGE_TRAINING[stage](ctx.params, ctx.paths, out, ctx.log_fn))
                 distributed.barrier()  # every rank is done before runs/<stage>/ is deleted
             return ctx.final
         with tempfile.TemporaryDirectory(prefix=f"realm-{stage}-rank{distributed.rank()}-") as tmp:
-            STAGE_TRAINING[stage](params, Paths(root), Path(tmp), null_logger)  # the loops log on rank 0 only
+            STAGE_TRAINING[stage](params, stage_paths(root), Path(tmp), null_logger)  # the loops log on rank 0 only
             distributed.barrier()
         return {}
     finally:

@@ -71,6 +71,9 @@ def check_backbone(path: Path) -> Path:
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
+    runs: Path | None = (
+        None  # untracked resumable state; None = root/runs (an experiment's: flows/tracking.stage_paths)
+    )
 
     # corpus stage
     @property
@@ -135,7 +138,7 @@ class Paths:
 
     def scratch(self, stage: str) -> Path:
         """Untracked working state (checkpoints, refresh hand-over files)."""
-        return self.root / "runs" / stage
+        return (self.runs or self.root / "runs") / stage
 
 
 @dataclass(frozen=True)
