@@ -6,9 +6,11 @@
 Each child dies with its parent, even when the parent is SIGKILLed: DVC and the server are
 started with a parent-death signal (realm_core/procs.py), a stage started by DVC asks for one
 itself (`realm stage`, flows/cli.py: SIGKILL, since its API server may be gone too), and so does
-the index builder. The multiprocessing resource tracker ends by itself once its writers are gone. SIGTERM is turned into the
-KeyboardInterrupt of Ctrl-C, so both end the same way: the children are stopped and waited for,
-and the API server stops last, after everything that reports to it.
+the index builder. The multiprocessing resource tracker ends by itself once its writers are gone.
+
+SIGTERM is turned into the KeyboardInterrupt of Ctrl-C (inside a flow Prefect's own handler
+raises its TerminationSignal instead), so both end the same way: the children are stopped and
+waited for, the logs still queued for the API are sent, and the API server stops last.
 
 The server runs in a session of its own, so a Ctrl-C in the terminal (SIGINT to the whole
 foreground process group) no longer stops it before the flows it serves: they would retry
