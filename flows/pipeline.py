@@ -191,9 +191,8 @@ def stage_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
 
 def read_metrics(root: Path) -> dict[str, dict[str, float]]:
     """Each stage's metrics/<stage>.json, with what its last run cost (metrics/<stage>.resources.json)."""
-    out = {}
+    out, paths = {}, Paths(root)
     for stage in STAGES:
-        paths = Paths(root)
         if paths.metrics(stage).exists():
             cost = paths.resources(stage)
             out[stage] = {

@@ -19,6 +19,7 @@ against a dead API for minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,19 +59,12 @@ def stop_tree(pid: int, grace: float = GRACE_SECONDS, term: float = TERM_SECONDS
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for proc in alive:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=term)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    alive = tree
+    for send, timeout in ((None, grace), ("terminate", term), ("kill", 5.0)):
+        for proc in alive if send else ():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                getattr(proc, send)()
+        _, alive = psutil.wait_procs(alive, timeout=timeout)
 
 
 def run_child(cmd: list[str], cwd: Path, env: dict[str, str]) -> int:

@@ -71,9 +71,8 @@ def check_backbone(path: Path) -> Path:
 @dataclass(frozen=True)
 class Paths:
     root: Path = Path(".")
-    runs: Path | None = (
-        None  # untracked resumable state; None = root/runs (an experiment's: flows/tracking.stage_paths)
-    )
+    # untracked resumable state; None = root/runs (an experiment's: flows/tracking.stage_paths)
+    runs: Path | None = None
 
     # corpus stage
     @property
