@@ -150,17 +150,13 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     root = configure()
     import importlib
     import logging
-    import signal
 
-    from flows.procs import interrupt_on_sigterm, prefect_api
+    from flows.procs import end_with_dvc, interrupt_on_sigterm, prefect_api
     from realm_core.config import load_params
     from realm_core.paths import backbone_dir
-    from realm_core.procs import die_with_parent
 
-    if os.environ.get("DVC_STAGE"):  # started by DVC: end with it, even if it is SIGKILLed (flows/procs.py)
-        # SIGKILL: with DVC gone nothing can record this stage's result, and the Prefect server that
-        # died with the run would keep a caught signal's cleanup retrying the API for minutes
-        die_with_parent(signal.SIGKILL)
+    if os.environ.get("DVC_STAGE"):  # started by DVC: end with it, even if it is SIGKILLed
+        end_with_dvc()
     interrupt_on_sigterm()
 
     try:  # bad params or a non-BERT backbone: one message, before Prefect starts a server

@@ -5,8 +5,8 @@
 
 Each child dies with its parent, even when the parent is SIGKILLed: DVC and the server are
 started with a parent-death signal (realm_core/procs.py), a stage started by DVC asks for one
-itself (`realm stage`, flows/cli.py: SIGKILL, since its API server may be gone too), and so does
-the index builder. The multiprocessing resource tracker ends by itself once its writers are gone.
+itself (`realm stage`, end_with_dvc: SIGKILL, since its API server may be gone too; DVC's shell
+may stand between them), and so does the index builder. The multiprocessing resource tracker ends by itself once its writers are gone.
 
 SIGTERM is turned into the KeyboardInterrupt of Ctrl-C (inside a flow Prefect's own handler
 raises its TerminationSignal instead), so both end the same way: the children are stopped and
@@ -24,13 +24,14 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from realm_core.procs import parent_death_preexec
+from realm_core.procs import die_with_parent, parent_death_preexec
 
 GRACE_SECONDS = 3.0  # after Ctrl-C, what the tree gets to stop by itself (it had the same SIGINT)
 TERM_SECONDS = 15.0  # after SIGTERM, before SIGKILL
@@ -46,6 +47,38 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox"})
+WATCH_SECONDS = 0.5  # how often end_with_dvc looks for DVC
+
+
+def end_with_dvc() -> None:
+    """For a stage started by DVC: SIGKILL this process as soon as DVC is gone, even SIGKILLed.
+
+    DVC runs a stage's `cmd` through a shell. bash execs a lone command, dash (/bin/sh on Debian
+    when SHELL is unset, as in CI) does not, so the parent is often the shell, which outlives DVC:
+    a parent-death signal alone would never fire. So the nearest ancestor that is not a shell is
+    watched by a daemon thread, and the parent-death signal covers the direct case at once.
+    SIGKILL: with DVC gone nothing can record this stage's result, and the Prefect server that
+    died with the run would keep a caught signal's cleanup retrying the API for minutes."""
+    import psutil
+
+    die_with_parent(signal.SIGKILL)
+    try:
+        dvc = psutil.Process(os.getppid())
+        while dvc.name() in SHELLS and dvc.ppid() > 1:
+            dvc = dvc.parent()
+    except (psutil.NoSuchProcess, AttributeError):  # already gone: parent() gave None or the pid vanished
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        while dvc.is_running():  # compares the start time too: a reused pid is not DVC
+            time.sleep(WATCH_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-dvc", daemon=True).start()
 
 
 def stop_tree(pid: int, grace: float = GRACE_SECONDS, term: float = TERM_SECONDS) -> None:
@@ -90,8 +123,8 @@ def _linked_server_class():
         _instances: dict = {}  # its own: Prefect's class keeps one instance per port
 
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-            def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-                return subprocess.Popen(*args, **kwargs, start_new_session=True, preexec_fn=parent_death_preexec())
+            def popen(**kwargs: Any) -> subprocess.Popen[Any]:  # Prefect passes everything by keyword (args=[...])
+                return subprocess.Popen(**kwargs, start_new_session=True, preexec_fn=parent_death_preexec())
 
             original = server_module.subprocess
             server_module.subprocess = SimpleNamespace(Popen=popen)  # for this one call
