@@ -82,6 +82,11 @@ class RefreshRecord:
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "staleness": self.staleness}
 
+    def schedule(self) -> dict[str, int]:
+        """When it was snapshotted and swapped in, without the timings: what a run's outputs record,
+        since the same commit, params and seed must give the same files whatever the load (issue 16)."""
+        return {"snapshot_step": self.snapshot_step, "swap_step": self.swap_step, "staleness": self.staleness}
+
 
 class Refresher:
     """Decides when to snapshot (every `refresh_every` steps, 0 = never) and records every swap.

@@ -92,6 +92,11 @@ def embed_shard(
     return Shard(shard, num_shards, len(blocks), np.array([b.id for b in part], dtype=np.int64), emb)
 
 
+def this_worker() -> str:
+    """host:pid of this process, as a shard's `worker` records it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def save_shard(shard: Shard, path: str | Path) -> Path:
     """Write one shard file atomically (temporary name, then rename); returns its path."""
     path = Path(path)
@@ -105,7 +110,7 @@ def save_shard(shard: Shard, path: str | Path) -> Path:
         "shard": str(shard.index),
         "num_shards": str(shard.num_shards),
         "total": str(shard.total),
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "worker": this_worker(),
     }
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)

@@ -18,7 +18,7 @@ from realm_core.blocks import read_blocks
 from realm_core.config import IndexParams, Params
 from realm_core.index import DenseIndex
 from realm_core.modeling import backbone_dir, load_embedder, load_tokenizer, resolve_device
-from realm_core.sharding import embed_shard, load_shard, merge_shards, save_shard
+from realm_core.sharding import embed_shard, load_shard, merge_shards, save_shard, this_worker
 
 
 def shard_file(shard_dir: Path, shard: int, num_shards: int) -> Path:
@@ -68,12 +68,16 @@ def merge_shards_task(
     """Merge the shard files in id order into a DenseIndex of type `spec` (params.yaml `index`) saved
     at `index_dir`; deletes the shard files.
 
-    index.json's meta records, per shard, its size and the worker (host:pid) that embedded it.
+    index.json's meta records, per shard, its size and the worker (host:pid) that embedded it, or
+    "this process" for a shard embedded here (the default thread pool): a pid that changes with
+    every run would make the same commit, params and seed give another DVC output (issue 16).
     """
     shards = [load_shard(f) for f in shard_files]
     embeddings, ids = merge_shards(shards)
+    here = this_worker()
     provenance = [
-        {"shard": s.index, "blocks": len(s.ids), "worker": s.worker} for s in sorted(shards, key=lambda s: s.index)
+        {"shard": s.index, "blocks": len(s.ids), "worker": "this process" if s.worker == here else s.worker}
+        for s in sorted(shards, key=lambda s: s.index)
     ]
     DenseIndex.build(embeddings, ids, spec, seed=seed, progress=None).save(
         index_dir, meta={**meta, "shards": provenance}

@@ -244,7 +244,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     """REALM pre-training from the ICT retriever and the warmed-up encoder.
 
     Saves the last retriever and encoder, the best ones by retrieval utility in out_dir/best,
-    and every index refresh (snapshot step, swap step, staleness, trainer wait) in refresh_log.json.
+    and every index refresh (snapshot step, swap step, staleness) in refresh_log.json.
     """
     seed_everything(params.seed)
     store = load_store(params, paths)
@@ -350,7 +350,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
             "mode": c.refresh_mode if c.refresh_every else "never",
             "refresh_every": c.refresh_every,
             "embed_precision": kernel,
-            "refreshes": refresher.log(),
+            "refreshes": [r.schedule() for r in refresher.records],  # timings: MLflow and the resources file
         },
     )
     for r in refresher.records:
