@@ -119,7 +119,14 @@ def run(
     from contextlib import nullcontext
 
     from flows.lock import WorkspaceBusy, workspace_lock
-    from flows.pipeline import PipelineError, check_overrides, pipeline_flow, profile_overrides
+    from flows.pipeline import (
+        PipelineError,
+        check_overrides,
+        pipeline_flow,
+        profile_overrides,
+        run_label,
+        up_to_date,
+    )
     from flows.procs import interrupt_on_sigterm, prefect_api
 
     interrupt_on_sigterm()
@@ -131,8 +138,17 @@ def run(
                 *(set_params or []),
             ]  # an explicit -S wins
             check_overrides(root / "params.yaml", set_params)  # fail before Prefect starts
+            if not (set_params or name or force or temp) and up_to_date(root):
+                typer.echo(
+                    "Nothing to do: every stage is up to date (dvc status), so no run was recorded.\n"
+                    "Results: dvc metrics show | rerun everything: realm run --force"
+                )
+                return
+            run_name = run_label(name)
             with prefect_api():  # stops last, after DVC and its stages (flows/procs.py)
-                result = pipeline_flow(set_params=set_params, force=force, name=name, root=str(root), temp=temp)
+                result = pipeline_flow.with_options(flow_run_name=f"pipeline · {run_name}")(
+                    set_params=set_params, force=force, name=name, root=str(root), temp=temp, run_name=run_name
+                )
     except (*_user_errors(), PipelineError, WorkspaceBusy) as exc:
         _fail(str(exc))
     except KeyboardInterrupt as exc:
@@ -166,9 +182,14 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     flow_fn = getattr(importlib.import_module(f"flows.{name.value}"), f"{name.value}_flow")
     for logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(logger).addFilter(_no_traceback_for_user_errors)
+    from prefect import tags
+
+    from flows.tracking import stage_flow_labels
+
+    run_name, labels = stage_flow_labels(name.value)
     try:
-        with prefect_api():  # this stage's own temporary server when no run shares one; stops last
-            final = flow_fn()
+        with prefect_api(), tags(*labels):  # this stage's own temporary server when no run shares one; stops last
+            final = flow_fn.with_options(flow_run_name=run_name)()
     except _user_errors() as exc:
         _fail(str(exc))
     except KeyboardInterrupt as exc:

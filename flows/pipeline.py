@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,12 +31,15 @@ from flows.resume import close_stale_runs, process_tags
 from flows.tracking import (
     MEMORY_KEYS,
     PARENT_RUN_ENV,
+    PIPELINE_FLOW_RUN_ENV,
+    PIPELINE_NAME_ENV,
     STAGE_NOTES,
     STAGES,
     ensure_experiment,
     git_commit,
     log_params,
     prefect_flow_run_id,
+    system_metrics,
     tracking_client,
 )
 from realm_core.config import Params, ParamsError, flatten, load_params
@@ -165,12 +169,21 @@ def dvc_command(overrides: list[str], force: bool, name: str | None, temp: bool 
     return cmd + (["--force"] if force else [])
 
 
-def stage_environment(parent_run_id: str) -> dict[str, str]:
-    """Environment of the DVC process: the parent run id, this venv first on PATH, and the
-    Prefect API of this process (so stage flows join the same local server instead of each
-    starting its own)."""
+def up_to_date(root: Path) -> bool:
+    """True when `dvc status` finds no stale stage (its exit code; 2-3 s): a `realm run` with
+    nothing to do then ends at once and records nothing. Any DVC error counts as stale, so the
+    run goes on and reports it."""
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--quiet"], cwd=root, capture_output=True)
+    return status.returncode == 0
+
+
+def stage_environment(parent_run_id: str, run_name: str) -> dict[str, str]:
+    """Environment of the DVC process: the parent run id, the pipeline's Prefect flow-run id and
+    run name (stage_flow_labels), this venv first on PATH, and the Prefect API of this process (so
+    stage flows join the same local server instead of each starting its own)."""
     env = dict(os.environ)
     env[PARENT_RUN_ENV] = parent_run_id
+    env[PIPELINE_FLOW_RUN_ENV], env[PIPELINE_NAME_ENV] = prefect_flow_run_id(), run_name
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     from prefect.settings import PREFECT_API_URL
 
@@ -210,6 +223,11 @@ def parent_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {**out, **({"pipeline_peak_rss_mb": max(peaks)} if peaks else {})}
 
 
+def run_label(name: str | None) -> str:
+    """A pipeline run's name in MLflow and Prefect: the experiment's name, else pipeline-<time>."""
+    return name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @flow(name="realm-pipeline", log_prints=True)
 def pipeline_flow(
     set_params: list[str] | None = None,
@@ -217,8 +235,10 @@ def pipeline_flow(
     name: str | None = None,
     root: str | None = None,
     temp: bool = False,
+    run_name: str | None = None,
 ) -> dict:
-    """Run the stale stages (or an experiment) through DVC under one MLflow parent run."""
+    """Run the stale stages (or an experiment) through DVC under one MLflow parent run named
+    `run_name` (default: the experiment name, else pipeline-<time>; see run_label)."""
     logger = get_run_logger()
     root_dir = project_root(Path(root) if root else None)
     overrides = list(set_params or [])
@@ -237,17 +257,17 @@ def pipeline_flow(
         "mlflow.source.name": "realm run",
         **process_tags(root_dir),  # so a later command can tell this run's process is gone
     }
-    parent = client.create_run(
-        experiment_id, run_name=name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags
-    ).info.run_id
+    run_name = run_name or run_label(name)
+    parent = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     cmd = dvc_command(overrides, force, name, temp)
     client.set_tag(parent, "dvc.command", " ".join(cmd[2:]))
     logger.info("MLflow parent run %s; running: %s", parent, " ".join(cmd[2:]))
     status = "FAILED"
     try:
         # DVC's and the stages' output goes straight to the terminal (live progress bars).
-        returncode = run_child(cmd, root_dir, stage_environment(parent))  # dies with us (flows/procs.py)
-        log_params(client, parent, load_params(root_dir / "params.yaml"))  # after `exp run -S`: the experiment's values
+        with system_metrics(parent, client.tracking_uri):  # the whole run's CPU and memory
+            returncode = run_child(cmd, root_dir, stage_environment(parent, run_name))  # dies with us (flows/procs.py)
+        log_params(client, parent, load_params(root_dir / "params.yaml").flat())  # after `exp run -S`: its values
         children = stage_runs(client, experiment_id, parent)
         table = [
             {

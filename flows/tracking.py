@@ -37,6 +37,8 @@ from realm_core.memory import children_peak_rss_mb, peak_rss_mb
 from realm_core.paths import Paths
 
 PARENT_RUN_ENV = "REALM_MLFLOW_PARENT_RUN_ID"
+# The pipeline's Prefect flow-run id and run name, passed to the stage processes like the parent run id.
+PIPELINE_FLOW_RUN_ENV, PIPELINE_NAME_ENV = "REALM_PIPELINE_FLOW_RUN_ID", "REALM_PIPELINE_RUN_NAME"
 DEFAULT_EXPERIMENT = "realm-pipeline"
 STAGES = ("corpus", "ict", "pretrain", "finetune", "evaluate")
 
@@ -47,6 +49,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "finetune": ("blocks", "qa_train"),
     "evaluate": ("blocks", "qa_dev"),
 }
+# ... and the files a stage writes that later stages read as datasets.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {"corpus": ("blocks", "qa_train", "qa_dev")}
+# System metrics (CPU, memory, disk, network; MLflow's "system/" charts) every N seconds of a run.
+SYSTEM_METRICS_SECONDS = 10.0
 
 
 def experiment_name() -> str:
@@ -165,6 +171,15 @@ def dvc_out_md5(path: Path) -> str:
     staging = HashFileDB(fs, str(path.parent / f".{path.name}.dvc-staging"))
     _, _, obj = build(staging, str(path), fs, "md5", dry_run=True)
     return obj.hash_info.value
+
+
+def stage_flow_labels(stage: str) -> tuple[str, list[str]]:
+    """(flow-run name, tags) of a stage's Prefect flow run: `pretrain · <experiment or pipeline run
+    name>`, and the tags `realm`, `stage:<stage>` and `pipeline:<the pipeline's flow-run id>`, so the
+    Prefect UI filters one pipeline's stages. A stage run alone is `pretrain · alone`."""
+    label = os.environ.get("DVC_EXP_NAME") or os.environ.get(PIPELINE_NAME_ENV) or "alone"
+    pipeline = os.environ.get(PIPELINE_FLOW_RUN_ENV)
+    return f"{stage} · {label}", ["realm", f"stage:{stage}", *([f"pipeline:{pipeline}"] if pipeline else [])]
 
 
 def prefect_flow_run_id() -> str:
@@ -315,27 +330,42 @@ def _add_peak_memory(ctx: StageContext) -> None:
         )
 
 
-def log_params(client: MlflowClient, run_id: str, params: Params) -> None:
-    """params.yaml flattened ("finetune.lr"), in batches of MLflow's 100-param limit."""
-    flat = [Param(k, str(v)) for k, v in params.flat().items()]
-    for i in range(0, len(flat), 100):
-        client.log_batch(run_id, params=flat[i : i + 100])
+def log_params(client: MlflowClient, run_id: str, flat: dict[str, object]) -> None:
+    """Flattened params ("finetune.lr": 3e-05), in batches of MLflow's 100-param limit."""
+    batch = [Param(k, str(v)) for k, v in flat.items()]
+    for i in range(0, len(batch), 100):
+        client.log_batch(run_id, params=batch[i : i + 100])
 
 
-def _log_params_and_inputs(client: MlflowClient, run_id: str, stage: str, params: Params, paths: Paths) -> None:
-    log_params(client, run_id, params)
+def _log_datasets(client: MlflowClient, run_id: str, paths: Paths, names: tuple[str, ...], context: str) -> None:
+    """The files `names` (Paths attributes) as MLflow datasets of the run, tagged input or output."""
     datasets = []
-    for name in STAGE_INPUTS.get(stage, ()):
+    for name in names:
         file = getattr(paths, name)
         if file.exists():
             digest = hashlib.md5(file.read_bytes()).hexdigest()
             datasets.append(
                 DatasetInput(
-                    Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", "input")]
+                    Dataset(name, digest[:8], "local", str(file.resolve())), [InputTag("mlflow.data.context", context)]
                 )
             )
     if datasets:
         client.log_inputs(run_id, datasets=datasets)
+
+
+@contextmanager
+def system_metrics(run_id: str, tracking_uri: str) -> Iterator[None]:
+    """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+    ...) of the machine, sampled every SYSTEM_METRICS_SECONDS while the block runs (a daemon thread;
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides). A run shorter than one interval gets none."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
@@ -357,6 +387,7 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
         ctx.recorder.plot(png, f"{stage} (run {ctx.run_id[:8]})")
         client.log_artifact(ctx.run_id, str(curve))
         client.log_artifact(ctx.run_id, str(png))
+    _log_datasets(client, ctx.run_id, paths, STAGE_OUTPUTS.get(stage, ()), "output")
     if out_dir.exists():
         rel = out_dir.resolve().relative_to(paths.root.resolve())
         client.set_tag(ctx.run_id, f"dvc.out.{rel.as_posix()}.md5", dvc_out_md5(out_dir))
@@ -390,6 +421,8 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     run is marked KILLED by the stage's next attempt, which links to it (`link_resumed_run`).
     On success the stage's resumable state in runs/<stage>/ is deleted: its outputs are saved.
     """
+    from tasks.training import stage_params  # torch and the models: only where a stage runs
+
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     root = project_root(root)
@@ -417,11 +450,13 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id))
     status = "FAILED"
     try:
-        link_resumed_run(client, experiment_id, ctx)
-        _log_params_and_inputs(client, run_id, stage, params, paths)
-        yield ctx
-        ctx.recorder.flush()
-        _finish(client, ctx, getattr(paths, stage))
+        with system_metrics(run_id, client.tracking_uri):
+            link_resumed_run(client, experiment_id, ctx)
+            log_params(client, run_id, stage_params(params, root, stage))  # its own sections; the parent has all
+            _log_datasets(client, run_id, paths, STAGE_INPUTS.get(stage, ()), "input")
+            yield ctx
+            ctx.recorder.flush()
+            _finish(client, ctx, getattr(paths, stage))
         status = "FINISHED"
         shutil.rmtree(paths.scratch(stage), ignore_errors=True)
     except KeyboardInterrupt:

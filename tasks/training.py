@@ -10,6 +10,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,18 +69,24 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("realm.train")
 
 
+def _stage_spec(root: Path, stage: str) -> dict:
+    return yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+
+
+def stage_params(params: Params, root: Path, stage: str) -> dict[str, Any]:
+    """The flattened params ("pretrain.lr": 3e-05) that dvc.yaml lists for `stage`: what DVC reruns
+    it for, so what its MLflow run logs (the pipeline's parent run logs them all)."""
+    names = [p for p in _stage_spec(root, stage).get("params", []) if isinstance(p, str)]
+    return {k: v for k, v in params.flat().items() if any(k == n or k.startswith(n + ".") for n in names)}
+
+
 def stage_fingerprint(params: Params, paths: Paths, stage: str) -> str:
     """Hash of what DVC keys `stage` on in dvc.yaml (its params and the bytes of its deps, code
     included), so a checkpoint never survives a change that DVC reruns the stage for.
     `checkpoint_every` is left out: how often state is saved does not change the result."""
-    spec = yaml.safe_load((paths.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
-    names = [p for p in spec.get("params", []) if isinstance(p, str)]
-    flat = {
-        k: v
-        for k, v in params.flat().items()
-        if any(k == n or k.startswith(n + ".") for n in names) and not k.endswith(".checkpoint_every")
-    }
-    return fingerprint({"stage": stage, "params": flat}, [paths.root / d for d in spec.get("deps", [])])
+    flat = {k: v for k, v in stage_params(params, paths.root, stage).items() if not k.endswith(".checkpoint_every")}
+    deps = _stage_spec(paths.root, stage).get("deps", [])
+    return fingerprint({"stage": stage, "params": flat}, [paths.root / d for d in deps])
 
 
 def stage_checkpointer(
@@ -315,7 +322,17 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     dev = load_questions(paths.qa_dev)
 
     def dev_recall(index: DenseIndex) -> dict[str, float]:
-        """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh)."""
+        """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh),
+        and a log line as it comes into use (the Prefect UI shows each refresh when it happens)."""
+        r = refresher.records[-1]
+        run_logger().info(
+            "index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s",
+            r.snapshot_step,
+            r.swap_step,
+            r.staleness,
+            r.build_seconds,
+            r.wait_seconds,
+        )
         recall = dense_recall(
             trainer.retriever.query,
             store,
@@ -353,15 +370,6 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
             "refreshes": [r.schedule() for r in refresher.records],  # timings: MLflow and the resources file
         },
     )
-    for r in refresher.records:
-        run_logger().info(
-            "index snapshot at step %d swapped in at step %d (staleness %d): built in %.1f s, trainer waited %.2f s",
-            r.snapshot_step,
-            r.swap_step,
-            r.staleness,
-            r.build_seconds,
-            r.wait_seconds,
-        )
     save_retriever(trainer.retriever.cpu(), out_dir / "retriever")
     save_encoder(trainer.encoder.cpu(), out_dir / "encoder")
     return summary

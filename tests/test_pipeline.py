@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,8 @@ def project(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_", "REALM_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(base / "prefect"),  # its own Prefect database, read back by _prefect_flow_runs
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1",  # the tiny stages last seconds, not minutes
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
         GIT_COMMITTER_NAME="t",
@@ -93,6 +96,21 @@ def _children(runs, parent_id: str) -> dict[str, object]:
     return {r.data.tags["realm.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
 
 
+def _prefect_flow_runs(env: dict[str, str], ids: list[str]) -> dict[str, dict]:
+    """id -> {name, tags} of the project's Prefect flow runs, read in a process of its own (its own
+    temporary API server over the project's PREFECT_HOME)."""
+    code = (
+        "import json, sys, uuid\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(i) for i in sys.argv[1:]])))\n"
+        "print(json.dumps({str(r.id): {'name': r.name, 'tags': r.tags} for r in runs}))\n"
+    )
+    out = _sh([sys.executable, "-c", code, *ids], ROOT, env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _lock_md5(proj: Path, stage: str) -> str:
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     return lock["stages"][stage]["outs"][0]["md5"]
@@ -111,11 +129,18 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
     children = _children(runs, parents[0].info.run_id)
     assert sorted(children) == sorted(STAGES)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=proj, capture_output=True, text=True).stdout.strip()
-    n_params = len(Params().flat())
+    params = Params.model_validate(yaml.safe_load((proj / "params.yaml").read_text()))
+    assert len(parents[0].data.params) == len(params.flat())  # the parent run has every param
+    assert any(k.startswith("system/memory") or k.startswith("system/system_memory") for k in parents[0].data.metrics)
+    dvc_stages = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]
     flow_run_ids = set()
     for stage, run in children.items():
         assert run.info.status == "FINISHED", stage
-        assert len(run.data.params) == n_params, stage
+        listed = dvc_stages[stage]["params"]  # a stage run logs the sections dvc.yaml lists for it, no others
+        assert run.data.params and all(any(k == p or k.startswith(p + ".") for p in listed) for k in run.data.params)
+        assert all(any(k == p or k.startswith(p + ".") for k in run.data.params) for p in listed), stage
+        if stage in ("ict", "pretrain", "finetune"):  # MLflow's system metrics (the others end within a sample)
+            assert any(k.startswith("system/cpu") for k in run.data.metrics), stage
         assert run.data.tags["git.commit"] == run.data.tags["mlflow.source.git.commit"] == head, stage
         assert run.data.tags["mlflow.note.content"], stage  # the run's description in the UI
         flow_run_ids.add(run.data.tags["prefect.flow_run_id"])
@@ -126,6 +151,17 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
         if stage in ("ict", "pretrain", "finetune"):
             assert f"{stage}_curves.png" in artifacts, stage
     assert len(flow_run_ids) == 5 and "" not in flow_run_ids
+    # Prefect: each stage's flow run is named after its stage and the pipeline run, and tagged with the
+    # pipeline's flow run, so the UI filters one pipeline's stages.
+    pipeline_flow_run = parents[0].data.tags["prefect.flow_run_id"]
+    flow_runs = _prefect_flow_runs(env, [*flow_run_ids, pipeline_flow_run])
+    assert flow_runs[pipeline_flow_run]["name"] == f"pipeline · {parents[0].info.run_name}"
+    for stage, run in children.items():
+        flow_run = flow_runs[run.data.tags["prefect.flow_run_id"]]
+        assert flow_run["name"] == f"{stage} · {parents[0].info.run_name}", flow_run
+        assert {"realm", f"stage:{stage}", f"pipeline:{pipeline_flow_run}"} <= set(flow_run["tags"]), flow_run
+    corpus_outputs = {d.dataset.name for d in children["corpus"].inputs.dataset_inputs}
+    assert corpus_outputs == {"blocks", "qa_train", "qa_dev"}  # logged as the corpus stage's output datasets
 
     # per-step metrics reached MLflow, including the index refreshes of pre-training
     pre = children["pretrain"].info.run_id
@@ -147,6 +183,33 @@ def test_nothing_reruns_right_after_a_finished_run(project):
     assert "Data and pipelines are up to date" in out.stdout + out.stderr
     status = _sh([str(BIN / "dvc"), "status"], proj, env)
     assert "up to date" in status.stdout
+    _, before = _runs(proj)
+    start = time.monotonic()
+    out = _sh([str(BIN / "realm"), "run"], proj, env)  # nothing stale: ends at once, records no run
+    elapsed = time.monotonic() - start
+    assert "Nothing to do" in out.stdout
+    assert elapsed < 20, f"a no-op realm run took {elapsed:.1f} s"  # it took 46 s when it started a server and a run
+    _, after = _runs(proj)
+    assert [r.info.run_id for r in after] == [r.info.run_id for r in before]
+
+
+def test_a_clone_pulls_the_trained_pipeline_from_a_dvc_remote_instead_of_retraining(project, tmp_path):
+    """README "Sharing a trained pipeline": a local-directory remote, `dvc push`, a fresh clone,
+    `dvc pull`; the clone is then up to date, `realm run` has nothing to do and `realm ask` answers."""
+    proj, env = project
+    dvc = str(BIN / "dvc")
+    _sh([dvc, "remote", "add", "-d", "shared", str(tmp_path / "remote")], proj, env)
+    _sh(["git", "add", ".dvc/config", "dvc.lock", "metrics"], proj, env)
+    _sh(["git", "commit", "-qm", "trained"], proj, env)
+    _sh([dvc, "push"], proj, env)
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env)
+    assert not (clone / "data" / "finetune").exists()  # git holds no model: DVC's remote does
+    _sh([dvc, "pull"], clone, env)
+    assert "up to date" in _sh([dvc, "status"], clone, env).stdout
+    assert "Nothing to do" in _sh([str(BIN / "realm"), "run"], clone, env).stdout
+    answer = json.loads(_sh([str(BIN / "realm"), "ask", "--json", "where is the city?"], clone, env).stdout)
+    assert answer["evidence"] and answer["block_id"] in {e["block_id"] for e in answer["evidence"]}
 
 
 def test_a_finetune_param_change_reruns_only_finetune_and_evaluate(project):
