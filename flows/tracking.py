@@ -358,8 +358,11 @@ def system_metrics(run_id: str, tracking_uri: str) -> Iterator[None]:
     """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
     ...) of the machine, sampled every SYSTEM_METRICS_SECONDS while the block runs (a daemon thread;
     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides). A run shorter than one interval gets none."""
+    import logging
+
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not 4 INFO lines per stage
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, tracking_uri=tracking_uri)
     monitor.start()
     try:
@@ -452,7 +455,9 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     try:
         with system_metrics(run_id, client.tracking_uri):
             link_resumed_run(client, experiment_id, ctx)
-            log_params(client, run_id, stage_params(params, root, stage))  # its own sections; the parent has all
+            # its own sections (the parent has all); every param in a project without dvc.yaml
+            own = stage_params(params, root, stage) if (root / "dvc.yaml").exists() else params.flat()
+            log_params(client, run_id, own)
             _log_datasets(client, run_id, paths, STAGE_INPUTS.get(stage, ()), "input")
             yield ctx
             ctx.recorder.flush()
