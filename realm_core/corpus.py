@@ -61,7 +61,17 @@ class Passage:
 # ============================================================================ readers
 
 
+# spaCy's nlp.max_length: a longer text fails in the NLP with E088, naming no file. A passage is a
+# few hundred words (DPR: 100; a REALM block: 288 wordpieces), so this only stops a whole book on one line.
+MAX_PASSAGE_CHARS = 1_000_000
+
+
 def _check_passage(path: Path, lineno: int, pid: str, text: str, seen: dict[str, int]) -> None:
+    if len(text) > MAX_PASSAGE_CHARS:
+        raise InputError(
+            f"{path}:{lineno}: passage {pid!r} is {len(text):,} characters, over the {MAX_PASSAGE_CHARS:,} one "
+            "passage may hold; split it into passages of a few hundred words each"
+        )
     if not pid.strip():
         raise InputError(f"{path}:{lineno}: empty passage id; give every passage a unique id")
     if not text.strip():

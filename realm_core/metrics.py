@@ -130,6 +130,21 @@ def has_answer(text: str, answers: Iterable[str]) -> bool:
     return False
 
 
+def any_answerable(answer_sets: Sequence[Sequence[str]], texts: Sequence[str]) -> bool:
+    """True if an answer of some question occurs in some text by `has_answer` (DPR's rule): with
+    none, ORQA's marginal gives fine-tuning no signal at all (its loss is exactly 0).
+
+    An answer whose first DPR token is not even a substring of the lower-cased NFD corpus cannot
+    match, so it is skipped before any per-text test (a necessary condition, never a false no).
+    """
+    corpus = unicodedata.normalize("NFD", "\n".join(texts)).lower()
+    for answers in answer_sets:
+        possible = [a for a in answers if (tokens := dpr_tokens(a)) and tokens[0] in corpus]
+        if possible and any(has_answer(text, possible) for text in texts):
+            return True
+    return False
+
+
 @functools.lru_cache(maxsize=4096)
 def _compile_passage_regex(pattern: str) -> regex.Pattern:
     try:

@@ -21,15 +21,16 @@ from prefect.exceptions import MissingContextError
 
 from realm_core import distributed
 from realm_core.answer import load_open_qa as open_qa_over_index
-from realm_core.blocks import BlockStore
+from realm_core.blocks import BlockStore, read_blocks
 from realm_core.checkpoint import Checkpointer, fingerprint
 from realm_core.config import Params
 from realm_core.evaluate import dense_recall
 from realm_core.finetune import OpenQA, finetune, load_questions
 from realm_core.ict import train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
-from realm_core.io import atomic_dir, write_json
+from realm_core.io import InputError, atomic_dir, write_json
 from realm_core.logging import StepLogger
+from realm_core.metrics import any_answerable
 from realm_core.modeling import (
     KnowledgeAugmentedEncoder,
     Retriever,
@@ -387,10 +388,17 @@ def finetune_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     (`finetune.init: ict`: from the ICT retriever and the ict stage's encoder, ORQA-style)."""
     seed_everything(params.seed)
     c = params.finetune
+    questions = load_questions(paths.qa_train)
+    texts = [b.text for b in read_blocks(paths.blocks)]
+    if not any_answerable([q.answers for q in questions], texts):  # before the index is built
+        raise InputError(
+            f"{paths.qa_train}: none of its {len(questions)} training questions has an answer that occurs in any of "
+            f"the {len(texts)} blocks of {paths.blocks}, so fine-tuning would learn nothing (loss 0); give questions "
+            "about this corpus (corpus.qa_train_extra), or a corpus that holds their answers"
+        )
     start = paths.finetune_start(c.init)
     reader = SpanReader(load_encoder(start.encoder).bert, hidden=c.span_hidden)
     model = load_open_qa(params, paths, start.query, reader, out_dir / "index")
-    questions = load_questions(paths.qa_train)
     run_logger().info("fine-tuning on %d questions over %d blocks", len(questions), len(model.store))
     ckpt = stage_checkpointer(params, paths, "finetune", "openqa", log)
     summary = finetune(

@@ -48,6 +48,7 @@ from realm_core.logging import null_logger
 from realm_core.modeling import backbone_dir, load_bert, load_embedder, load_tokenizer, save_embedder
 from realm_core.paths import Paths
 from realm_core.questions import load_qa_files, read_questions
+from tasks.training import finetune_task
 from tests.tiny import make_blocks
 from tests.tiny_qa import make_finetuned_project
 
@@ -235,6 +236,20 @@ def corpus_without_cloze_questions(p: Path):
     return lambda: finish_corpus(make_blocks(), params, load_tokenizer(p / "tinybert"), 0, p / "out", 10, p), source
 
 
+def passage_of_5_mb(p: Path):
+    ok = json.dumps({"id": "a", "title": "A", "text": "Socrates taught in Athens."})
+    huge = json.dumps({"id": "b", "title": "B", "text": "word " * 1_000_000})  # 5 MB: spaCy's E088 in the NLP
+    source = _write(p / "huge.jsonl", f"{ok}\n{huge}\n")
+    return lambda: read_jsonl_corpus(source), source
+
+
+def qa_answers_nowhere_in_the_corpus(p: Path):
+    paths = Paths(p)
+    _write(paths.qa_train, '{"question": "Who founded Zyxqor?", "answer": ["Vendelmarr Quistbow"]}\n')
+    params = load_params(p / "params.yaml")
+    return lambda: finetune_task.fn(params, paths, p / "data" / "finetune", null_logger), paths.qa_train
+
+
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 SAFETENSORS_ENOSPC = SafetensorError(
     'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
@@ -350,6 +365,13 @@ ROWS = [
         "give passages of ordinary prose",
     ),
     Bad("corpus that yields no cloze questions", corpus_without_cloze_questions, None, "raise corpus.qa_fraction"),
+    Bad("corpus JSONL line holding a 5 MB passage", passage_of_5_mb, 2, "split it into passages"),
+    Bad(
+        "training questions whose answers occur in no block (fine-tuning loss 0)",
+        qa_answers_nowhere_in_the_corpus,
+        None,
+        "give questions about this corpus",
+    ),
     Bad("disk full while saving weights (safetensors)", disk_full_saving_weights, None, "no space left on device"),
     Bad("disk full while saving a checkpoint", disk_full_saving_a_checkpoint, None, "checkpoint_every"),
     Bad("disk full while writing a JSON file", disk_full_writing_json, None, "free space on that disk"),

@@ -209,3 +209,13 @@ def test_bm25_ties_broken_by_document_index_and_degenerate_corpora() -> None:
     assert bm25_retrieve([], ["cat"], k=3) == [[]]
     with pytest.raises(ValueError):
         bm25_retrieve(DOCS, ["France"], k=0)
+
+
+def test_any_answerable_agrees_with_has_answer_over_a_corpus():
+    from realm_core.metrics import any_answerable
+
+    texts = ["The U . S . Army marched.", "Café society in Paris."]
+    assert any_answerable([["nowhere"], ["U.S."]], texts)  # punctuation spaced differently: still DPR's match
+    assert any_answerable([["CAFE\u0301"]], texts)  # NFD and case, as has_answer
+    assert not any_answerable([["smart"], ["art"], []], ["Smartphones"])  # whole tokens only
+    assert not any_answerable([], texts)
