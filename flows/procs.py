@@ -83,7 +83,7 @@ def end_with_dvc() -> None:
 
 def stop_tree(pid: int, grace: float = GRACE_SECONDS, term: float = TERM_SECONDS) -> None:
     """Stop `pid` and every descendant: let them end by themselves for `grace` seconds, then
-    SIGTERM, then SIGKILL what is left after `term` seconds. The tree is read first: a child
+    SIGTERM the descendants, the root after `term` seconds, and SIGKILL what is left. The tree is read first: a child
     whose parent died is reparented and could not be found through it any more."""
     import psutil
 
@@ -93,8 +93,17 @@ def stop_tree(pid: int, grace: float = GRACE_SECONDS, term: float = TERM_SECONDS
     except psutil.NoSuchProcess:
         return
     alive = tree
-    for send, timeout in ((None, grace), ("terminate", term), ("kill", 5.0)):
-        for proc in alive if send else ():
+    # The descendants are terminated before the root: DVC then sees its stage end and exits by
+    # itself, releasing .dvc/tmp/rwlock; a DVC terminated at once could die while rewriting it
+    # and leave it empty, failing the next run ("JSON structure is corrupted").
+    steps = (  # (who, signal method, then wait up to)
+        (lambda procs: [], None, grace),
+        (lambda procs: [p for p in procs if p.pid != pid], "terminate", term),  # the descendants
+        (lambda procs: procs, "terminate", 5.0),  # the root too
+        (lambda procs: procs, "kill", 5.0),
+    )
+    for who, send, timeout in steps:
+        for proc in who(alive):
             with contextlib.suppress(psutil.NoSuchProcess):
                 getattr(proc, send)()
         _, alive = psutil.wait_procs(alive, timeout=timeout)
