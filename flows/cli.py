@@ -7,6 +7,7 @@
     realm ui [--tool prefect]                   MLflow (or Prefect) UI on 127.0.0.1
     realm plots                                 dvc.yaml's plots as PNGs + dvc_plots/offline.html (no internet)
     realm ask "who wrote hamlet?" [--json]      answer + retrieved evidence (latest fine-tuned model)
+    realm ask "..." --model models:/realm@champion   the same from the MLflow registry (evaluate's best model)
     realm serve-api [--port 8000]               the same over HTTP (POST /ask) on 127.0.0.1
 
 Heavy libraries (torch, mlflow, prefect) are imported inside the commands, so `--help`
@@ -416,11 +417,36 @@ def ui(
     os.execv(argv[0], argv)
 
 
-def _load_answerer(root):
+MODEL_HELP = (
+    "an MLflow model to answer with instead of data/finetune, e.g. models:/realm@champion (evaluate's best), "
+    "models:/realm/3 or runs:/<run id>/realm_qa"
+)
+
+
+def _load_answerer(root, model_uri: str | None = None):
+    """The project's latest fine-tuned model (data/finetune), or the logged model at `model_uri`."""
     from realm_core.answer import Answerer
 
     try:
-        return Answerer.from_project(root)
+        if model_uri is None:
+            return Answerer.from_project(root)
+        from mlflow.exceptions import MlflowException
+
+        from flows.env import configure
+        from flows.registry import load_answerer
+
+        configure(
+            root
+        )  # models:/ URIs resolve in the project's registry (mlruns.db) unless MLFLOW_TRACKING_URI says otherwise
+
+        try:
+            return load_answerer(model_uri)
+        except (MlflowException, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _fail(
+                f"--model {model_uri}: cannot load it ({first}); the finetune stage registers models:/realm/<version> "
+                "and evaluate moves models:/realm@champion (`realm runs` lists the runs)"
+            )
     except _user_errors() as exc:
         _fail(str(exc))
 
@@ -456,6 +482,7 @@ def ask(
     question: Annotated[str, typer.Argument(help="the question, e.g. 'who wrote the nutcracker ballet?'")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="how many retrieved blocks to show")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (for scripts)")] = False,
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Answer a question with the latest fine-tuned model and show the blocks it retrieved, with their scores."""
     import json
@@ -467,7 +494,7 @@ def ask(
         check_question(question, top_k)  # before the model loads (~15 s)
     except _user_errors() as exc:
         _fail(str(exc))
-    answerer = _load_answerer(project_root())
+    answerer = _load_answerer(project_root(), model)
     try:
         answer = answerer(question, top_k)
     except _user_errors() as exc:
@@ -482,11 +509,12 @@ def ask(
 def serve_api(
     host: Annotated[str, typer.Option(help="bind address (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    model: Annotated[str | None, typer.Option("--model", help=MODEL_HELP)] = None,
 ) -> None:
     """Serve GET /health and POST /ask {"question", "top_k"} (the JSON of `realm ask --json`) over HTTP."""
     from flows.env import project_root
 
-    answerer = _load_answerer(project_root())  # once, before binding: a missing model is one clear error
+    answerer = _load_answerer(project_root(), model)  # once, before binding: a missing model is one clear error
     import uvicorn
 
     from flows.api import create_app

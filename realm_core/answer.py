@@ -127,34 +127,57 @@ def load_index(directory: Path, n_blocks: int, blocks_file: Path, spec: IndexPar
     return index
 
 
-def load_open_qa(params: Params, paths: Paths, query: Embedder, reader: SpanReader, index_dir: Path) -> OpenQA:
-    """OpenQA over the corpus stage's blocks and the frozen index in `index_dir` (finetune, evaluate, ask)."""
-    tokenizer = load_tokenizer(backbone_dir(params.model.backbone))
-    store = BlockStore.load(paths.blocks, tokenizer, params.corpus.max_block_tokens)
+def load_open_qa(
+    params: Params,
+    paths: Paths,
+    query: Embedder,
+    reader: SpanReader,
+    index_dir: Path,
+    *,
+    blocks_file: Path | None = None,
+    tokenizer_dir: Path | None = None,
+) -> OpenQA:
+    """OpenQA over the corpus stage's blocks (or `blocks_file`) and the frozen index in `index_dir`
+    (finetune, evaluate, ask). The tokenizer is the backbone's, or the copy in `tokenizer_dir`
+    (a registered model carries its own, so it loads where the backbone is not installed)."""
+    blocks_file = blocks_file or paths.blocks
+    tokenizer = load_tokenizer(tokenizer_dir or backbone_dir(params.model.backbone))
+    store = BlockStore.load(blocks_file, tokenizer, params.corpus.max_block_tokens)
     return OpenQA(
         query,
         reader,
         store,
-        load_index(index_dir, len(store), paths.blocks, params.index),
+        load_index(index_dir, len(store), blocks_file, params.index),
         device=resolve_device(params.device),
         max_query_tokens=params.model.max_query_tokens,
         max_span=params.finetune.max_span_tokens,
     )
 
 
-def load_finetuned(params: Params, paths: Paths) -> OpenQA:
-    """The latest fine-tuned model (data/finetune) over the corpus blocks (data/corpus/blocks.jsonl)."""
-    if not paths.finetune.is_dir():
-        raise InputError(f"{paths.finetune}: no such directory: there is no fine-tuned model yet; {MAKE_IT}")
-    for needed in (paths.finetune / "query", paths.finetune / "reader", paths.finetune / "index", paths.blocks):
+def load_finetuned(
+    params: Params,
+    paths: Paths,
+    *,
+    finetune_dir: Path | None = None,
+    blocks_file: Path | None = None,
+    tokenizer_dir: Path | None = None,
+) -> OpenQA:
+    """The fine-tuned model in `finetune_dir` (default data/finetune: query/, reader/, index/) over
+    the blocks of `blocks_file` (default the corpus stage's, paths.blocks)."""
+    finetune_dir, blocks_file = finetune_dir or paths.finetune, blocks_file or paths.blocks
+    if not finetune_dir.is_dir():
+        raise InputError(f"{finetune_dir}: no such directory: there is no fine-tuned model yet; {MAKE_IT}")
+    for needed in (finetune_dir / "query", finetune_dir / "reader", finetune_dir / "index", blocks_file):
         if not needed.exists():
             raise InputError(f"{needed}: not found; {MAKE_IT}")
     return load_open_qa(
         params,
         paths,
-        load_embedder(paths.finetune / "query"),
-        load_reader(paths.finetune / "reader"),
-        paths.finetune / "index",
+        load_embedder(finetune_dir / "query"),
+        load_reader(finetune_dir / "reader"),
+        finetune_dir / "index",
+        blocks_file=blocks_file,
+        tokenizer_dir=tokenizer_dir,
     )
 
 
@@ -169,6 +192,20 @@ class Answerer:
         """Load root/params.yaml, then the latest fine-tuned model and index under root/data."""
         params = load_params(Path(root) / "params.yaml")
         return cls(load_finetuned(params, Paths(Path(root))), params.evaluate.top_k)
+
+    @classmethod
+    def from_files(cls, params_file: Path, finetune_dir: Path, blocks_file: Path, tokenizer_dir: Path) -> "Answerer":
+        """Load a packaged model: its params.yaml, fine-tuned directory, blocks and tokenizer (the
+        artefacts of the MLflow model the finetune stage registers, flows/registry.py)."""
+        params = load_params(params_file)
+        model = load_finetuned(
+            params,
+            Paths(Path(finetune_dir).parent),
+            finetune_dir=Path(finetune_dir),
+            blocks_file=Path(blocks_file),
+            tokenizer_dir=Path(tokenizer_dir),
+        )
+        return cls(model, params.evaluate.top_k)
 
     def __call__(self, question: str, top_k: int = 5) -> Answer:
         return answer_question(self.model, question, top_k, self.reader_top_k)

@@ -212,6 +212,45 @@ def test_a_clone_pulls_the_trained_pipeline_from_a_dvc_remote_instead_of_retrain
     assert answer["evidence"] and answer["block_id"] in {e["block_id"] for e in answer["evidence"]}
 
 
+PREDICT = (  # a process of its own, outside the project: only the registry and the model's own artefacts
+    "import json, sys, mlflow, pandas as pd\n"
+    "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+    "row = model.predict(pd.DataFrame({'question': [sys.argv[2]]}), params={'top_k': 3}).iloc[0].to_dict()\n"
+    "print(json.dumps(row, default=float))\n"
+)
+
+
+def _stage_runs(runs, stage: str) -> list:
+    return [r for r in runs if r.data.tags.get("realm.stage") == stage]
+
+
+def test_the_finetuned_model_is_registered_and_the_champion_answers_in_a_fresh_process(project, tmp_path):
+    """Issue 15 item 1: finetune logs and registers a pyfunc model, evaluate makes it realm@champion;
+    mlflow.pyfunc.load_model loads it in a fresh process and it answers as `realm ask` does."""
+    proj, env = project
+    client, runs = _runs(proj)
+    (finetune_run,) = _stage_runs(runs, "finetune")
+    (evaluate_run,) = _stage_runs(runs, "evaluate")
+    champion = client.get_model_version_by_alias("realm", "champion")
+    assert champion.run_id == finetune_run.info.run_id
+    assert finetune_run.data.tags["realm.registered_version"] == f"realm/{champion.version}"
+    evaluation = json.loads((proj / "metrics" / "evaluate.json").read_text())
+    assert float(champion.tags["exact_match"]) == pytest.approx(evaluation["exact_match"])
+    assert "is now realm@champion" in evaluate_run.data.tags["realm.champion_decision"]
+    assert client.get_logged_model(finetune_run.outputs.model_outputs[0].model_id).name == "realm_qa"
+
+    question = "where is the city?"
+    fresh = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{proj / 'mlruns.db'}")
+    out = _sh([str(BIN / "python"), "-c", PREDICT, "models:/realm@champion", question], tmp_path, fresh)
+    registered = json.loads(out.stdout.strip().splitlines()[-1])
+    local = json.loads(_sh([str(BIN / "realm"), "ask", "--json", "--top-k", "3", question], proj, env).stdout)
+    assert registered["answer"] == local["answer"] and registered["block_id"] == local["block_id"]
+    assert [e["block_id"] for e in registered["evidence"]] == [e["block_id"] for e in local["evidence"]]
+    assert {"title", "text", "score", "probability"} <= set(registered["evidence"][0])
+    cli = ["ask", "--json", "--top-k", "3", "--model", "models:/realm@champion", question]
+    assert json.loads(_sh([str(BIN / "realm"), *cli], proj, env).stdout) == local
+
+
 def test_a_finetune_param_change_reruns_only_finetune_and_evaluate(project):
     proj, env = project
     params = yaml.safe_load((proj / "params.yaml").read_text())
@@ -222,6 +261,13 @@ def test_a_finetune_param_change_reruns_only_finetune_and_evaluate(project):
     latest_parent = [r for r in runs if r.data.tags.get("realm.stage") == "pipeline"][-1]
     assert sorted(_children(runs, latest_parent.info.run_id)) == ["evaluate", "finetune"]
     assert latest_parent.data.params["finetune.lr"] == "3e-05"
+    # a second version; the alias sits on the best EM, the newer one on a tie
+    client = _client(proj)
+    versions = sorted(client.search_model_versions("name = 'realm'"), key=lambda v: int(v.version))
+    assert len(versions) == 2
+    ems = [float(v.tags["exact_match"]) for v in versions]
+    best = max(range(2), key=lambda i: (ems[i], i))
+    assert client.get_model_version_by_alias("realm", "champion").version == versions[best].version
 
 
 def test_one_stage_alone_gets_its_own_top_level_run(project):
