@@ -250,6 +250,23 @@ def test_the_finetuned_model_is_registered_and_the_champion_answers_in_a_fresh_p
     cli = ["ask", "--json", "--top-k", "3", "--model", "models:/realm@champion", question]
     assert json.loads(_sh([str(BIN / "realm"), *cli], proj, env).stdout) == local
 
+    # the HTTP API over the registered model (what `realm serve-api --model models:/realm@champion` serves)
+    import mlflow
+    from fastapi.testclient import TestClient
+
+    from flows.api import create_app
+    from flows.registry import load_answerer
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(fresh["MLFLOW_TRACKING_URI"])
+    try:
+        answerer = load_answerer("models:/realm@champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+    with TestClient(create_app(answerer)) as api:
+        served = api.post("/ask", json={"question": question, "top_k": 3})
+    assert served.status_code == 200 and served.json() == local
+
 
 def test_a_finetune_param_change_reruns_only_finetune_and_evaluate(project):
     proj, env = project

@@ -30,6 +30,8 @@ COVERED = {
     "curl -s localhost:8000/ask": "tests/test_answer.py::test_api_health_and_ask_return_what_realm_ask_json_prints",
     "realm serve --cron": "tests/test_orchestration.py::test_serve_builds_a_cron_scheduled_deployment_of_the_pipeline",
     "realm ask": "tests/test_answer.py::test_ask_json_prints_one_object_equal_to_answer_question",
+    "realm ask --model": "tests/test_pipeline.py::test_the_finetuned_model_is_registered_and_the_champion_answers_in_a_fresh_process",
+    "realm serve-api --model": "tests/test_pipeline.py::test_the_finetuned_model_is_registered_and_the_champion_answers_in_a_fresh_process",
     "realm bench": "tests/test_orchestration.py::test_realm_bench_runs_the_named_script_with_its_arguments",
     "realm plots": "tests/test_plots.py::test_realm_plots_writes_a_png_per_plot_from_the_same_points",
     "dvc plots show": "tests/test_plots.py::test_each_plot_draws_its_y_fields_and_no_empty_cell",
