@@ -9,6 +9,7 @@
     realm ask "who wrote hamlet?" [--json]      answer + retrieved evidence (latest fine-tuned model)
     realm ask "..." --model models:/realm@champion   the same from the MLflow registry (evaluate's best model)
     realm serve-api [--port 8000]               the same over HTTP (POST /ask) on 127.0.0.1
+    realm index add new.jsonl | remove --ids X  add / remove passages without retraining (data/knowledge)
 
 Heavy libraries (torch, mlflow, prefect) are imported inside the commands, so `--help`
 stays fast (DESIGN.md 3b).
@@ -503,6 +504,57 @@ def ask(
         typer.echo(json.dumps(answer.to_dict(), ensure_ascii=False))
     else:
         _print_answer(answer)
+
+
+index_app = typer.Typer(
+    help="Change what the fine-tuned model retrieves without retraining: add or remove passages (data/knowledge)."
+)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("add")
+def index_add(
+    file: Annotated[
+        Path, typer.Argument(help="passages to add: a DPR .tsv (id, text, title) or a .jsonl of {id, title, text}")
+    ],
+) -> None:
+    """Pack FILE's passages into blocks, embed them with the frozen document tower and add them to the index."""
+    from flows import knowledge
+    from flows.env import project_root
+
+    try:
+        typer.echo(knowledge.add(project_root(), file))
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@index_app.command("remove")
+def index_remove(
+    ids: Annotated[str, typer.Option("--ids", help="comma-separated passage ids (the corpus's or added ones)")],
+) -> None:
+    """Take passages out of what the model retrieves (their blocks leave the index)."""
+    from flows import knowledge
+    from flows.env import project_root
+
+    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    if not wanted:
+        _fail("--ids: give at least one passage id, e.g. --ids 'Mozart,Vienna'")
+    try:
+        typer.echo(knowledge.remove(project_root(), wanted))
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@index_app.command("list")
+def index_list() -> None:
+    """The passages added and removed so far."""
+    from flows import knowledge
+    from flows.env import project_root
+
+    try:
+        typer.echo(knowledge.describe(project_root()))
+    except _user_errors() as exc:
+        _fail(str(exc))
 
 
 @app.command("serve-api")

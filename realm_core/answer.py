@@ -24,6 +24,7 @@ from realm_core.config import IndexParams, Params, load_params
 from realm_core.finetune import OpenQA
 from realm_core.index import DenseIndex
 from realm_core.io import InputError
+from realm_core.knowledge import Knowledge, apply_knowledge, load_knowledge, passage_ids
 from realm_core.modeling import (
     Embedder,
     SpanReader,
@@ -93,6 +94,7 @@ def answer_question(model: OpenQA, question: str, top_k: int = 5, reader_top_k: 
     """
     check_question(question, top_k, reader_top_k)
     (pred,) = model.predict([question], reader_top_k=reader_top_k, retrieve_k=top_k)
+    top_k = min(top_k, len(pred["retrieved"]))  # a corpus smaller than top_k lists every block
     shown = (
         top_k if int(pred["block"]) in pred["retrieved"][:top_k] else pred["retrieved"].index(int(pred["block"])) + 1
     )
@@ -161,16 +163,18 @@ def load_finetuned(
     finetune_dir: Path | None = None,
     blocks_file: Path | None = None,
     tokenizer_dir: Path | None = None,
+    knowledge_dir: Path | None = None,
 ) -> OpenQA:
     """The fine-tuned model in `finetune_dir` (default data/finetune: query/, reader/, index/) over
-    the blocks of `blocks_file` (default the corpus stage's, paths.blocks)."""
+    the blocks of `blocks_file` (default the corpus stage's, paths.blocks), with the passages added
+    and removed by `realm index` (the overlay in `knowledge_dir`, realm_core/knowledge.py) if any."""
     finetune_dir, blocks_file = finetune_dir or paths.finetune, blocks_file or paths.blocks
     if not finetune_dir.is_dir():
         raise InputError(f"{finetune_dir}: no such directory: there is no fine-tuned model yet; {MAKE_IT}")
     for needed in (finetune_dir / "query", finetune_dir / "reader", finetune_dir / "index", blocks_file):
         if not needed.exists():
             raise InputError(f"{needed}: not found; {MAKE_IT}")
-    return load_open_qa(
+    model = load_open_qa(
         params,
         paths,
         load_embedder(finetune_dir / "query"),
@@ -178,6 +182,22 @@ def load_finetuned(
         finetune_dir / "index",
         blocks_file=blocks_file,
         tokenizer_dir=tokenizer_dir,
+    )
+    knowledge = load_knowledge(knowledge_dir) if knowledge_dir is not None else None
+    return with_knowledge(model, blocks_file, knowledge) if knowledge is not None else model
+
+
+def with_knowledge(model: OpenQA, blocks_file: Path, knowledge: Knowledge) -> OpenQA:
+    """`model` retrieving from its blocks plus the overlay's, minus the removed passages' (no retraining)."""
+    blocks, index = apply_knowledge(model.store.blocks, passage_ids(blocks_file), model.index, knowledge)
+    return OpenQA(
+        model.query,
+        model.reader,
+        BlockStore(blocks, model.store.tokenizer, model.store.max_block_tokens),
+        index,
+        device=model.device,
+        max_query_tokens=model.max_query_tokens,
+        max_span=model.max_span,
     )
 
 
@@ -191,7 +211,8 @@ class Answerer:
     def from_project(cls, root: Path) -> "Answerer":
         """Load root/params.yaml, then the latest fine-tuned model and index under root/data."""
         params = load_params(Path(root) / "params.yaml")
-        return cls(load_finetuned(params, Paths(Path(root))), params.evaluate.top_k)
+        paths = Paths(Path(root))
+        return cls(load_finetuned(params, paths, knowledge_dir=paths.knowledge), params.evaluate.top_k)
 
     @classmethod
     def from_files(cls, params_file: Path, finetune_dir: Path, blocks_file: Path, tokenizer_dir: Path) -> "Answerer":

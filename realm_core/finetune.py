@@ -98,6 +98,16 @@ def correct_spans(
     return correct & batch.valid
 
 
+def _by_block_id(index: DenseIndex) -> np.ndarray:
+    """The index's vectors with row z = block z: the saved index itself when its ids are 0..N-1 (no
+    copy), else scattered (an index missing some blocks: `realm index remove`, realm_core/knowledge.py)."""
+    if np.array_equal(index.ids, np.arange(len(index))):
+        return index.embeddings
+    out = np.zeros((int(index.ids.max()) + 1, index.dim), dtype=np.float32)
+    out[index.ids] = index.embeddings
+    return out
+
+
 class OpenQA:
     """Query embedder + span reader over a frozen index of block embeddings."""
 
@@ -114,13 +124,13 @@ class OpenQA:
     ):
         self.query, self.reader, self.store, self.index = query.to(device), reader.to(device), store, index
         self.device, self.max_query_tokens, self.max_span = device, max_query_tokens, max_span
-        self.block_embeddings = torch.from_numpy(index.embeddings)  # [N, d], frozen
+        self.block_embeddings = torch.from_numpy(_by_block_id(index))  # [N, d], frozen; row z = block z
 
     def retrieve(self, questions: list[str], k: int) -> tuple[list[list[int]], torch.Tensor, np.ndarray]:
         """Query ids, retriever logits [B, k] (differentiable w.r.t. the query tower) and block ids [B, k]."""
         q_ids = [self.store.query_ids(q, self.max_query_tokens) for q in questions]
         q = self.query(**query_batch(self.store, q_ids, self.device))  # [B, d]
-        _, ids = self.index.search(q.detach().float().cpu().numpy(), min(k, len(self.store)))
+        _, ids = self.index.search(q.detach().float().cpu().numpy(), min(k, len(self.index)))
         docs = self.block_embeddings[torch.from_numpy(ids)].to(self.device)  # [B, k, d]
         return q_ids, torch.einsum("bd,bkd->bk", q, docs), ids
 

@@ -106,6 +106,12 @@ class Paths:
     def finetune(self) -> Path:
         return self.root / "data" / "finetune"
 
+    # `realm index add/remove`: passages added to / removed from what the fine-tuned model retrieves
+    # (realm_core/knowledge.py); not a stage output, versioned by its own data/knowledge.dvc
+    @property
+    def knowledge(self) -> Path:
+        return self.root / "data" / "knowledge"
+
     def finetune_start(self, init: str) -> "FinetuneStart":
         """What fine-tuning starts from (`finetune.init`): REALM's pre-trained retriever and encoder, or
         ORQA's recipe, the ICT retriever and the ict stage's warmed encoder with no REALM pre-training
