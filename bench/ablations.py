@@ -75,7 +75,9 @@ def pretrain_utility(parent_run_id: str) -> float | None:
         [client.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`realm.stage` = 'pretrain'",
     )
-    return runs[0].data.metrics.get("final_retrieval_utility_last_quarter") if runs else None
+    from flows.tracking import metric_key
+
+    return runs[0].data.metrics.get(metric_key("pretrain", "final_retrieval_utility_last_quarter")) if runs else None
 
 
 def table(rows: list[dict]) -> str:

@@ -38,6 +38,7 @@ from flows.tracking import (
     ensure_experiment,
     git_commit,
     log_params,
+    metric_key,
     prefect_flow_run_id,
     system_metrics,
     tracking_client,
@@ -288,7 +289,8 @@ def pipeline_flow(
         metrics = read_metrics(root_dir)
         if "evaluate" in children:  # this run's own evaluation (the workspace files predate a --temp run)
             final = client.get_run(children["evaluate"][0]).data.metrics
-            metrics["evaluate"] = {k.removeprefix("final_"): v for k, v in final.items() if k.startswith("final_")}
+            own = metric_key("evaluate", "final_")
+            metrics["evaluate"] = {k.removeprefix(own): v for k, v in final.items() if k.startswith(own)}
         now = int(time.time() * 1000)
         client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in parent_metrics(metrics).items()])
         status = "FINISHED"

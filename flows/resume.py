@@ -68,8 +68,12 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, stage: str | None
     return gone
 
 
-def earlier_rows(client: MlflowClient, run_id: str, max_links: int = 20) -> dict[int, dict[str, float]]:
-    """Per-step metrics of `run_id` and the attempts it resumed from, oldest overwritten by newest."""
+def earlier_rows(
+    client: MlflowClient, run_id: str, prefix: str = "", max_links: int = 20
+) -> dict[int, dict[str, float]]:
+    """Per-step metrics of `run_id` and the attempts it resumed from, oldest overwritten by newest:
+    the metrics named `prefix` + key (the stage's own, flows/tracking.metric_key), as bare keys;
+    system metrics and final values are not steps of the curve."""
     chain: list[Run] = []
     while run_id and len(chain) < max_links:
         chain.append(client.get_run(run_id))
@@ -77,8 +81,11 @@ def earlier_rows(client: MlflowClient, run_id: str, max_links: int = 20) -> dict
     rows: dict[int, dict[str, float]] = {}
     for run in reversed(chain):
         for key in run.data.metrics:
+            bare = key.removeprefix(prefix)
+            if not key.startswith(prefix) or bare.startswith("final_") or "/" in bare:
+                continue
             for m in client.get_metric_history(run.info.run_id, key):
-                rows.setdefault(m.step, {})[key] = m.value
+                rows.setdefault(m.step, {})[bare] = m.value
     return rows
 
 
@@ -119,4 +126,4 @@ def link_resumed_run(client: MlflowClient, experiment_id: str, ctx: StageContext
     client.set_tag(ctx.run_id, "resumed_from", killed[0].info.run_id)
     client.set_tag(ctx.run_id, "resumed_at_step", at)
     if points:
-        ctx.recorder.preload(earlier_rows(client, killed[0].info.run_id))
+        ctx.recorder.preload(earlier_rows(client, killed[0].info.run_id, ctx.recorder.prefix))

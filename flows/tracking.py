@@ -188,6 +188,14 @@ def prefect_flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
+def metric_key(stage: str, key: str) -> str:
+    """A stage run's MLflow name for its metric `key`: "<stage>/<key>", so MLflow's chart view puts
+    each stage's metrics in a section of their own ("pretrain/loss" apart from "finetune/loss"; MLflow
+    groups by the part before "/", as it does for "system/"). Final values are "<stage>/final_<key>".
+    metrics/<stage>.json, the curve TSVs and the parent run keep the bare keys."""
+    return f"{stage}/{key}"
+
+
 class StepRecorder:
     """The StepLogger a stage hands to realm_core: buffers per-step metrics, logs them in batches.
 
@@ -195,8 +203,9 @@ class StepRecorder:
     stage can write its curve TSV (for `dvc plots`) and a loss-curve PNG at the end.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200):
+    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 200, prefix: str = ""):
         self.client, self.run_id, self.flush_every = client, run_id, flush_every
+        self.prefix = prefix  # MLflow's name of metric k is prefix + k (metric_key); rows and last keep k
         self.rows: dict[int, dict[str, float]] = {}
         self.last: dict[str, float] = {}
         self._pending: list[Metric] = []
@@ -208,7 +217,7 @@ class StepRecorder:
         with self._lock:
             self.rows.setdefault(step, {}).update(clean)
             self.last.update(clean)
-            self._pending.extend(Metric(k, v, now, step) for k, v in clean.items())
+            self._pending.extend(Metric(self.prefix + k, v, now, step) for k, v in clean.items())
             if len(self._pending) >= self.flush_every:
                 self._flush_locked()
 
@@ -379,7 +388,8 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
     write_json(metrics_file, model)
     write_json(paths.resources(stage), resources)
     client.log_batch(
-        ctx.run_id, metrics=[Metric(f"final_{k}", v, int(time.time() * 1000), 0) for k, v in ctx.final.items()]
+        ctx.run_id,
+        metrics=[Metric(metric_key(stage, f"final_{k}"), v, int(time.time() * 1000), 0) for k, v in ctx.final.items()],
     )
     client.log_artifact(ctx.run_id, str(metrics_file))
     client.log_artifact(ctx.run_id, str(paths.resources(stage)))
@@ -450,7 +460,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     close_stale_runs(client, experiment_id)  # any run a dead process left RUNNING (this stage's are linked below)
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     run_id = run.info.run_id
-    ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id))
+    ctx = StageContext(stage, params, paths, run_id, StepRecorder(client, run_id, prefix=metric_key(stage, "")))
     status = "FAILED"
     try:
         with system_metrics(run_id, client.tracking_uri):

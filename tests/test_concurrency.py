@@ -85,11 +85,12 @@ def test_two_pipelines_at_once_keep_separate_complete_runs_in_one_sqlite_store(t
             assert child.info.status == "FINISHED"
             assert child.data.params["seed"] == str(seeds[name])  # its own workspace's params, not the other's
             for key in ("loss", "seed"):
-                history = client.get_metric_history(child.info.run_id, key)
+                history = client.get_metric_history(child.info.run_id, f"{child.data.tags['realm.stage']}/{key}")
                 assert sorted(m.step for m in history) == list(range(STEPS)), (
                     f"{name}/{child.data.tags['realm.stage']}/{key}"
                 )
-            assert {m.value for m in client.get_metric_history(child.info.run_id, "seed")} == {float(seeds[name])}
+            seed_key = f"{child.data.tags['realm.stage']}/seed"
+            assert {m.value for m in client.get_metric_history(child.info.run_id, seed_key)} == {float(seeds[name])}
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 

@@ -78,7 +78,7 @@ def test_every_stage_result_holds_its_peak_memory_and_its_childrens(tmp_path, mo
     run = MlflowClient().get_run(ctx.run_id)
     assert run.info.status == "FINISHED"
     for key in ("peak_rss_mb", "peak_rss_children_mb"):
-        assert run.data.metrics[f"final_{key}"] == pytest.approx(written[key])
+        assert run.data.metrics[f"corpus/final_{key}"] == pytest.approx(written[key])
     assert re.search(r"stage corpus peaked at \d+ MB resident .* over the 1 MB budget", caplog.text)
 
 

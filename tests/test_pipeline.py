@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -165,11 +166,15 @@ def test_first_run_executes_all_five_stages_under_one_parent_run(project):
 
     # per-step metrics reached MLflow, including the index refreshes of pre-training
     pre = children["pretrain"].info.run_id
-    assert len(client.get_metric_history(pre, "loss")) == TINY_PARAMS["pretrain"]["steps"]
-    refreshes = client.get_metric_history(pre, "refresh_snapshot_step")
+    assert len(client.get_metric_history(pre, "pretrain/loss")) == TINY_PARAMS["pretrain"]["steps"]
+    # each stage's metrics under its own name, so MLflow's chart view groups them by stage
+    for stage, run in children.items():
+        own = {k for k in run.data.metrics if not k.startswith("system/")}
+        assert own and all(k.startswith(f"{stage}/") for k in own), (stage, sorted(own)[:5])
+    refreshes = client.get_metric_history(pre, "pretrain/refresh_snapshot_step")
     assert sorted(m.value for m in refreshes) == [0, 2, 4]  # the initial index and the refreshes at steps 2 and 4
-    assert len(client.get_metric_history(pre, "dev_recall_at_5")) == 3  # zero-shot recall of each index
-    assert len(client.get_metric_history(children["ict"].info.run_id, "ict_loss")) == TINY_PARAMS["ict"]["steps"]
+    assert len(client.get_metric_history(pre, "pretrain/dev_recall_at_5")) == 3  # zero-shot recall of each index
+    assert len(client.get_metric_history(children["ict"].info.run_id, "ict/ict_loss")) == TINY_PARAMS["ict"]["steps"]
 
     evaluation = json.loads((proj / "metrics" / "evaluate.json").read_text())
     assert {"exact_match", "realm_recall_at_5", "zero_shot_recall_at_5", "bm25_recall_at_5"} <= set(evaluation)
@@ -191,6 +196,43 @@ def test_nothing_reruns_right_after_a_finished_run(project):
     assert elapsed < 20, f"a no-op realm run took {elapsed:.1f} s"  # it took 46 s when it started a server and a run
     _, after = _runs(proj)
     assert [r.info.run_id for r in after] == [r.info.run_id for r in before]
+
+
+def test_prefect_yaml_deploys_the_pipeline_to_a_process_work_pool_whose_worker_runs_it(project, tmp_path):
+    """README "Running on a schedule with a work pool": a real local Prefect server, the process
+    work pool, `prefect deploy --all` from prefect.yaml, a triggered run and a worker that runs it
+    in the project (nothing is stale, so the run is DVC's no-op and takes seconds)."""
+    proj, env = project
+    port = _free_port()
+    prefect = str(BIN / "prefect")
+    env = dict(env, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _sh(["curl", "-sf", f"http://127.0.0.1:{port}/api/health"], tmp_path, env, check=False).returncode:
+            assert time.monotonic() < deadline and server.poll() is None, "the Prefect server did not start"
+            time.sleep(1)
+        _sh([prefect, "work-pool", "create", "realm", "--type", "process"], proj, env)
+        _sh([prefect, "--no-prompt", "deploy", "--all"], proj, dict(env, REALM_DEPLOY_DIR=str(proj)))
+        _, before = _runs(proj)
+        triggered = _sh([prefect, "deployment", "run", "realm-pipeline/nightly"], proj, env).stdout
+        worker = _sh([prefect, "worker", "start", "--pool", "realm", "--run-once"], tmp_path, env)
+        assert "Data and pipelines are up to date" in worker.stdout + worker.stderr
+        assert "Finished in state Completed()" in worker.stdout + worker.stderr, worker.stdout[-2000:]
+        _, after = _runs(proj)
+        new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+        assert [r.data.tags["realm.stage"] for r in new] == ["pipeline"] and new[0].info.status == "FINISHED"
+        assert new[0].data.tags["prefect.flow_run_id"] in triggered  # the triggered flow run, run by the worker
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_a_clone_pulls_the_trained_pipeline_from_a_dvc_remote_instead_of_retraining(project, tmp_path):
@@ -311,8 +353,8 @@ def test_an_experiment_in_a_temporary_copy_is_recorded_by_dvc_and_mlflow(project
     assert children["finetune"].data.tags.get("dvc.exp_name") == "short"
     assert children["finetune"].data.params["finetune.steps"] == "2"
     # the printed table is this experiment's evaluation, not the workspace's
-    assert f"{children['evaluate'].data.metrics['final_exact_match']:.4f}" in out.stdout
-    assert "final_zero_shot_recall_at_5" in children["evaluate"].data.metrics
+    assert f"{children['evaluate'].data.metrics['evaluate/final_exact_match']:.4f}" in out.stdout
+    assert "evaluate/final_zero_shot_recall_at_5" in children["evaluate"].data.metrics
     metrics = _sh([str(BIN / "dvc"), "metrics", "show", "--json"], proj, env).stdout
     assert "exact_match" in metrics
 

@@ -418,7 +418,9 @@ def _attempt_run(client, experiment_id: str, root: Path, pid: int, losses: dict[
         "realm.pid_started": repr(psutil.Process(pid).create_time()),
     }
     run_id = client.create_run(experiment_id, run_name="ict", tags=tags).info.run_id
-    client.log_batch(run_id, metrics=[Metric("ict_loss", v, 0, s) for s, v in losses.items()])
+    client.log_batch(
+        run_id, metrics=[Metric("ict/ict_loss", v, 0, s) for s, v in losses.items()]
+    )  # as ict's run names it
     return run_id
 
 
@@ -447,7 +449,12 @@ def test_the_next_attempt_marks_a_sigkilled_run_killed_and_links_to_it(tracked_p
     assert client.get_run(alive).info.status == "RUNNING"
     assert new.info.status == "FINISHED"
     assert new.data.tags["resumed_from"] == killed and new.data.tags["resumed_at_step"] == "4"
-    assert [m.step for m in client.get_metric_history(ctx.run_id, "ict_loss")] == [4, 5, 6, 7]  # no copies in MLflow
+    assert [m.step for m in client.get_metric_history(ctx.run_id, "ict/ict_loss")] == [
+        4,
+        5,
+        6,
+        7,
+    ]  # no copies in MLflow
     curve = (root / "metrics" / "ict_curve.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in curve[1:]] == [str(s) for s in range(8)]  # the whole curve for DVC plots
     assert json.loads((root / "metrics" / "ict.json").read_text()) == {"ict_loss": 3.0}
