@@ -45,7 +45,7 @@ class Knowledge:
     doc_tower: str  # the frozen document tower the additions were embedded with (data/-relative)
     added: list[dict] = field(default_factory=list)  # block records, ids base_blocks + i, with passage_id
     embeddings: np.ndarray | None = None  # [len(added), d] float32
-    removed: list[str] = field(default_factory=list)  # passage ids whose blocks are not retrieved
+    removed: list[str] = field(default_factory=list)  # corpus passage ids whose blocks are not retrieved
     base_index: str = ""  # index_signature of the index it extends: a rebuilt index invalidates the overlay
 
     @property
@@ -150,10 +150,8 @@ def add_passages(
     local = [_block({**r, "id": i}) for i, r in enumerate(rows)]  # BlockStore wants ids 0..n-1
     emb = embed(store_of(local))  # [n, d]
     embeddings = emb if k.embeddings is None else np.concatenate([k.embeddings, emb])
-    revived = {p.id for p in passages}
-    return replace(
-        k, added=k.added + rows, embeddings=embeddings, removed=[r for r in k.removed if r not in revived]
-    ), len(rows)
+    # a removed corpus passage stays removed: a new passage of the same id replaces it, never revives it
+    return replace(k, added=k.added + rows, embeddings=embeddings), len(rows)
 
 
 def remove_passages(k: Knowledge, ids: Sequence[str], base_passage_ids: set[str]) -> tuple[Knowledge, int]:
@@ -192,7 +190,8 @@ def apply_knowledge(
     by_id[index.ids] = np.arange(len(index.ids))
     base = index.embeddings[by_id]  # [N, d], row i = block i
     embeddings = base if k.embeddings is None else np.concatenate([base, k.embeddings.astype(np.float32)])
-    keep = np.array([owner[i] not in removed for i in range(len(all_blocks))])
+    # `removed` names corpus passages; an added passage of the same id is their replacement
+    keep = np.array([i >= len(blocks) or owner[i] not in removed for i in range(len(all_blocks))])
     if not keep.any():
         raise InputError("every passage is removed: nothing is left to retrieve (`realm index list` shows the changes)")
     ids = np.arange(len(all_blocks), dtype=np.int64)

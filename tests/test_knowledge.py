@@ -126,3 +126,14 @@ def test_an_overlay_over_an_index_rebuilt_since_is_refused_not_mixed(project, tm
     out = _cli("ask", QUESTION)
     assert out.exit_code != 0 and "extends another index" in out.output and "data/knowledge" in out.output
     assert np.array_equal(DenseIndex.load(index_dir).ids, old.ids)
+
+
+def test_a_removed_corpus_passage_can_be_replaced_and_the_old_blocks_stay_out(project, tmp_path):
+    passage = _ask(project).evidence[0].title
+    assert _cli("index", "remove", "--ids", passage).exit_code == 0
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"id": passage, "title": passage, "text": FACT}) + "\n")
+    assert _cli("index", "add", str(new)).exit_code == 0  # the same id again: a replacement
+    evidence = _ask(project).evidence
+    mine = [e for e in evidence if e.title == passage]
+    assert [(e.block_id, e.text) for e in mine] == [(10, FACT)]  # the new block only; the corpus's stays removed
