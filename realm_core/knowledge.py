@@ -70,7 +70,7 @@ def load_knowledge(directory: Path) -> Knowledge | None:
         added = (
             [row for _, row in read_jsonl(directory / "blocks.jsonl")] if (directory / "blocks.jsonl").is_file() else []
         )
-        embeddings = np.load(directory / "embeddings.npy") if added else None
+        embeddings = np.load(directory / "embeddings.npy", allow_pickle=False) if added else None
         k = Knowledge(
             int(meta["base_blocks"]),
             str(meta["doc_tower"]),
