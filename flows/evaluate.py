@@ -12,9 +12,10 @@ from flows.registry import promote_if_champion
 from flows.tracking import stage_run
 from realm_core.io import atomic_dir
 from tasks.evaluate import evaluate_task
+from tasks.retry import IO_RETRIES
 from tasks.training import stage_fingerprint
 
-promote = task(promote_if_champion, name="promote_champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+promote = task(promote_if_champion, name="promote_champion", cache_policy=NO_CACHE, **IO_RETRIES)
 
 
 @flow(name="evaluate", log_prints=True)

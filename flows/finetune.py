@@ -16,12 +16,11 @@ from flows.tracking import StageContext, stage_run
 from realm_core.io import atomic_dir
 from realm_core.modeling import resolve_device
 from realm_core.precision import resolve_embed_precision
+from tasks.retry import IO_RETRIES
 from tasks.training import finetune_task, stage_fingerprint
 
-# I/O against the tracking server: a dropped connection is retried, a bad model is not retried for long.
-register_model = task(
-    log_finetuned_model, name="register_model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE
-)
+# I/O against the tracking server: a dropped connection or a locked database is retried, a bad model is not.
+register_model = task(log_finetuned_model, name="register_model", cache_policy=NO_CACHE, **IO_RETRIES)
 
 
 @flow(name="finetune", log_prints=True)

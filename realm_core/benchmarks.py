@@ -35,8 +35,8 @@ from typing import Any
 
 from realm_core.corpus import Passage, read_jsonl_corpus
 from realm_core.io import InputError, read_jsonl
-from realm_core.metrics import has_answer_regex
-from realm_core.questions import AnswerIndex, QAExample, check_answers, read_questions
+from realm_core.metrics import AnswerIndex, has_answer_regex
+from realm_core.questions import QAExample, check_answers, read_questions
 
 # ../shared/data layout (SOURCES.md): file -> (dataset tag, answers are regexes)
 SQUAD_ZIP = "squad_open/dev-v1.1.json.zip"

@@ -210,3 +210,35 @@ def answer_spans(
             if block[start] == answer[0] and block[start : start + n] == answer:
                 spans.add((start, start + n - 1))
     return sorted(spans)
+
+
+class AnswerIndex:
+    """Which texts contain an answer, by DPR's token rule (`has_answer`), via an inverted index.
+
+    A text holding an answer's token sequence holds each of its tokens, so only the texts in the
+    intersection of the answer tokens' postings need the full has_answer check.
+    """
+
+    def __init__(self, texts: Sequence[str]):
+        self.texts = texts
+        self.postings: dict[str, set[int]] = {}
+        for i, text in enumerate(texts):
+            for token in set(dpr_tokens(text)):
+                self.postings.setdefault(token, set()).add(i)
+
+    def found(self, answer: str) -> bool:
+        tokens = dpr_tokens(answer)
+        if not tokens:
+            return False
+        candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens))
+        return any(has_answer(self.texts[i], [answer]) for i in sorted(candidates))
+
+    def containing(self, answers: Sequence[str]) -> set[int]:
+        """Indices of the texts that hold any of `answers`; equals {i : has_answer(texts[i], answers)}."""
+        found: set[int] = set()
+        for answer in answers:
+            tokens = dpr_tokens(answer)
+            if tokens:
+                candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens)) - found
+                found |= {i for i in candidates if has_answer(self.texts[i], [answer])}
+        return found

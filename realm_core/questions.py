@@ -33,7 +33,7 @@ from typing import Any
 
 from realm_core.corpus import join_pieces, resolve_input
 from realm_core.io import InputError, decode_line, read_jsonl
-from realm_core.metrics import dpr_tokens, has_answer
+from realm_core.metrics import AnswerIndex, has_answer
 
 MASK = "[MASK]"
 
@@ -69,38 +69,6 @@ def _cloze_options(block: dict[str, Any], j: int, max_question_words: int) -> li
             continue
         options.append((question, answer))
     return options
-
-
-class AnswerIndex:
-    """Which texts contain an answer, by DPR's token rule (metrics.has_answer), via an inverted index.
-
-    A text holding an answer's token sequence holds each of its tokens, so only the texts in the
-    intersection of the answer tokens' postings need the full has_answer check.
-    """
-
-    def __init__(self, texts: Sequence[str]):
-        self.texts = texts
-        self.postings: dict[str, set[int]] = {}
-        for i, text in enumerate(texts):
-            for token in set(dpr_tokens(text)):
-                self.postings.setdefault(token, set()).add(i)
-
-    def found(self, answer: str) -> bool:
-        tokens = dpr_tokens(answer)
-        if not tokens:
-            return False
-        candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens))
-        return any(has_answer(self.texts[i], [answer]) for i in sorted(candidates))
-
-    def containing(self, answers: Sequence[str]) -> set[int]:
-        """Indices of the texts that hold any of `answers`; equals {i : has_answer(texts[i], answers)}."""
-        found: set[int] = set()
-        for answer in answers:
-            tokens = dpr_tokens(answer)
-            if tokens:
-                candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens)) - found
-                found |= {i for i in candidates if has_answer(self.texts[i], [answer])}
-        return found
 
 
 def make_cloze_questions(

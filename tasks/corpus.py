@@ -16,9 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from realm_core.config import Params
 from realm_core.corpus import Passage, finish_corpus, process_shard, read_passages
 from realm_core.modeling import backbone_dir, load_tokenizer
+from tasks.retry import IO_RETRIES
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **IO_RETRIES)  # the corpus may sit on a network file system
 def read_passages_task(params: Params, root: Path) -> list[Passage]:
     """The (subsampled) passages of corpus.source; bad input raises InputError naming file:line."""
     c = params.corpus
@@ -36,7 +37,7 @@ def process_shard_task(passages: list[Passage], params: Params, shard_index: int
     return blocks
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **IO_RETRIES)  # writes atomically, so a retry starts clean
 def write_corpus_task(
     blocks: list[dict[str, Any]], params: Params, out_dir: Path, n_passages: int, root: Path
 ) -> dict[str, float]:

@@ -19,6 +19,7 @@ from realm_core.config import IndexParams, Params
 from realm_core.index import DenseIndex
 from realm_core.modeling import backbone_dir, load_embedder, load_tokenizer, resolve_device
 from realm_core.sharding import embed_shard, load_shard, merge_shards, save_shard, this_worker
+from tasks.retry import IO_RETRIES
 
 
 def shard_file(shard_dir: Path, shard: int, num_shards: int) -> Path:
@@ -61,7 +62,7 @@ def embed_shard_task(
     return path
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **IO_RETRIES)  # reads the workers' shard files from a shared file system
 def merge_shards_task(
     shard_files: list[Path], index_dir: Path, meta: dict[str, Any], spec: IndexParams | None = None, seed: int = 0
 ) -> Path:

@@ -89,27 +89,38 @@ def test_dpr_tokens() -> None:
     assert dpr_tokens("Hello  WORLD 1,000") == ("hello", "world", "1", ",", "000")
 
 
-@pytest.mark.parametrize(
-    ("text", "answers", "expected"),
-    [
-        ("The Beatles were a band.", ["beatles"], True),
-        ("I love the Beatles!", ["The Beatles"], True),  # punctuation next to a word is its own token
-        ("A smart move.", ["art"], False),  # whole tokens only
-        ("Artful dodger", ["art"], False),
-        ("He studied art in Paris.", ["art"], True),
-        ("Made in the U.S.A. in 1990", ["U.S."], True),  # punctuation tokens match too
-        ("Made in the USA", ["U.S."], False),
-        ("He was born in 1,990.", ["1990"], False),
-        ("Café society", ["cafe\u0301"], True),  # NFD on both sides
-        ("Cafe society", ["Café"], False),
-        ("New York City", ["York New"], False),  # contiguous and in order
-        ("new york city", ["Boston", "NEW YORK"], True),  # any answer
-        ("anything", ["", "   "], False),  # answers with no tokens are skipped
-        ("anything", [], False),
-    ],
-)
+HAS_ANSWER_CASES = [
+    ("The Beatles were a band.", ["beatles"], True),
+    ("I love the Beatles!", ["The Beatles"], True),  # punctuation next to a word is its own token
+    ("A smart move.", ["art"], False),  # whole tokens only
+    ("Artful dodger", ["art"], False),
+    ("He studied art in Paris.", ["art"], True),
+    ("Made in the U.S.A. in 1990", ["U.S."], True),  # punctuation tokens match too
+    ("Made in the USA", ["U.S."], False),
+    ("He was born in 1,990.", ["1990"], False),
+    ("Café society", ["cafe\u0301"], True),  # NFD on both sides
+    ("Cafe society", ["Café"], False),
+    ("New York City", ["York New"], False),  # contiguous and in order
+    ("new york city", ["Boston", "NEW YORK"], True),  # any answer
+    ("anything", ["", "   "], False),  # answers with no tokens are skipped
+    ("anything", [], False),
+]
+
+
+@pytest.mark.parametrize(("text", "answers", "expected"), HAS_ANSWER_CASES)
 def test_has_answer(text: str, answers: list[str], expected: bool) -> None:
     assert has_answer(text, answers) is expected
+
+
+def test_answer_index_finds_exactly_the_texts_has_answer_accepts():
+    """The fine-tuning loss reads answer-bearing blocks from AnswerIndex; it must be has_answer's set."""
+    from realm_core.metrics import AnswerIndex
+
+    texts = [text for text, _, _ in HAS_ANSWER_CASES]
+    index = AnswerIndex(texts)
+    for _, answers, _ in HAS_ANSWER_CASES:
+        assert index.containing(answers) == {i for i, t in enumerate(texts) if has_answer(t, answers)}
+    assert index.containing(["art"]) == {4}  # "He studied art in Paris." only, not "A smart move."
 
 
 @pytest.mark.parametrize(

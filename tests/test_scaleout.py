@@ -164,3 +164,83 @@ def test_embedding_flow_on_a_dask_local_cluster_equals_the_single_process_index(
         and index.meta["embed_precision"] == "fp32"
         and not list((tmp_path / "shards").iterdir())
     )
+
+
+def test_transient_failures_are_told_apart_from_permanent_ones():
+    import errno
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from realm_core.io import InputError
+    from tasks.retry import is_transient
+
+    transient = [
+        ConnectionError("reset by peer"),
+        TimeoutError("timed out"),
+        OSError(errno.EIO, "I/O error"),
+        OSError(errno.ESTALE, "stale NFS handle"),
+        sqlite3.OperationalError("database is locked"),
+        MlflowException("(sqlite3.OperationalError) database is locked"),
+    ]
+    permanent = [
+        InputError("corpus.tsv:3: no text column"),
+        FileNotFoundError("data/corpus/blocks.jsonl"),
+        OSError(errno.ENOENT, "No such file"),
+        PermissionError("read-only"),
+        OSError(errno.ENOSPC, "No space left on device"),
+        ValueError("a bug"),
+        MlflowException("Registered model alias champion not found"),
+        None,
+    ]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_the_io_tasks_retry_transient_failures_only():
+    from flows.evaluate import promote
+    from flows.finetune import register_model
+    from tasks.corpus import read_passages_task, write_corpus_task
+    from tasks.embedding import merge_shards_task
+    from tasks.retry import retry_transient
+    from tasks.training import finetune_task, pretrain_task
+
+    for t in (read_passages_task, write_corpus_task, merge_shards_task, register_model, promote):
+        assert t.retries == 2 and t.retry_condition_fn is retry_transient, t.name
+    for t in (pretrain_task, finetune_task):  # training resumes from its checkpoints instead
+        assert t.retries == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_transient_failure_is_retried_and_a_permanent_one_fails_at_once(prefect_api):
+    from prefect import flow, task
+
+    from realm_core.io import InputError
+    from tasks.retry import IO_RETRIES
+
+    calls = {"flaky": 0, "bad": 0}
+
+    @task(**{**IO_RETRIES, "retry_delay_seconds": 0})
+    def flaky() -> str:
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise ConnectionError("the tracking server dropped the connection")
+        return "written"
+
+    @task(**{**IO_RETRIES, "retry_delay_seconds": 0})
+    def bad() -> None:
+        calls["bad"] += 1
+        raise InputError("corpus.tsv:3: no text column")
+
+    @flow
+    def io_flow() -> str:
+        return flaky()
+
+    @flow
+    def bad_flow() -> None:
+        bad()
+
+    assert io_flow() == "written" and calls["flaky"] == 2
+    with pytest.raises(InputError, match="no text column"):
+        bad_flow()
+    assert calls["bad"] == 1
