@@ -8,6 +8,7 @@ experiment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -206,19 +208,8 @@ def test_prefect_yaml_deploys_the_pipeline_to_a_process_work_pool_whose_worker_r
     port = _free_port()
     prefect = str(BIN / "prefect")
     env = dict(env, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while _sh(["curl", "-sf", f"http://127.0.0.1:{port}/api/health"], tmp_path, env, check=False).returncode:
-            assert time.monotonic() < deadline and server.poll() is None, "the Prefect server did not start"
-            time.sleep(1)
+    server = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with _serving(server, tmp_path, env, f"http://127.0.0.1:{port}/api/health", "the Prefect server"):
         _sh([prefect, "work-pool", "create", "realm", "--type", "process"], proj, env)
         _sh([prefect, "--no-prompt", "deploy", "--all"], proj, dict(env, REALM_DEPLOY_DIR=str(proj)))
         _, before = _runs(proj)
@@ -230,9 +221,6 @@ def test_prefect_yaml_deploys_the_pipeline_to_a_process_work_pool_whose_worker_r
         new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
         assert [r.data.tags["realm.stage"] for r in new] == ["pipeline"] and new[0].info.status == "FINISHED"
         assert new[0].data.tags["prefect.flow_run_id"] in triggered  # the triggered flow run, run by the worker
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_a_clone_pulls_the_trained_pipeline_from_a_dvc_remote_instead_of_retraining(project, tmp_path):
@@ -366,6 +354,29 @@ def test_a_bad_override_stops_with_one_clear_message(project):
     assert "finetune.learning_rate" in out.stderr and "Traceback" not in out.stderr
 
 
+@contextlib.contextmanager
+def _serving(argv: list[str], cwd: Path, env: dict[str, str], health_url: str, what: str):
+    """Start a server in its own session, wait until `health_url` answers 200, stop it (and its workers)."""
+    server = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(health_url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, f"{what} did not come up"
+            time.sleep(1)
+        yield server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def _free_port() -> int:
     import socket
 
@@ -376,8 +387,6 @@ def _free_port() -> int:
 
 def test_readme_commands_dag_metrics_diff_torchrun_train_dvc_commit_and_ui(project):
     """The README's remaining everyday commands, on the finished tiny project."""
-    import time
-    import urllib.request
 
     proj, env = project
     dag = _sh([str(BIN / "dvc"), "dag"], proj, env).stdout
@@ -394,26 +403,7 @@ def test_readme_commands_dag_metrics_diff_torchrun_train_dvc_commit_and_ui(proje
     assert [r for r in runs if r.data.tags.get("realm.stage") == "ict" and r.data.tags.get("realm.world_size") == "2"]
     # realm ui: the MLflow UI over the project's run store, on loopback
     port = _free_port()
-    ui = subprocess.Popen(
-        [str(BIN / "realm"), "ui", "--port", str(port)],
-        cwd=proj,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI did not come up"
-                time.sleep(1)
-    finally:
-        import signal
-
-        os.killpg(ui.pid, signal.SIGTERM)  # the server and its worker
-        ui.wait(timeout=30)
+    with _serving(
+        [str(BIN / "realm"), "ui", "--port", str(port)], proj, env, f"http://127.0.0.1:{port}/health", "the MLflow UI"
+    ):
+        pass  # it answered /health with 200; leaving stops the server and its worker
