@@ -15,9 +15,9 @@ from typing import Any
 
 from realm_core.io import InputError
 
-# OSErrors that retrying cannot fix, by class (raised by hand, errno unset) and by errno (raised by the OS)
+# OSErrors that retrying cannot fix. OSError(errno.ENOENT, ...) is already a FileNotFoundError (Python
+# picks the subclass from the errno), so the classes cover those errnos; a full disk has no subclass.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC}
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -26,15 +26,13 @@ def is_transient(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, sqlite3.OperationalError):
         return "locked" in str(exc) or "busy" in str(exc)
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        MlflowException = ()  # noqa: N806
+    from mlflow.exceptions import MlflowException  # here: the corpus tasks need not import mlflow
+
     if isinstance(exc, MlflowException):
         text = str(exc).lower()
         return any(s in text for s in ("database is locked", "connection", "timed out", "temporarily unavailable"))
     if isinstance(exc, OSError):  # ConnectionError, TimeoutError, requests' ConnectionError, EIO, ESTALE...
-        return exc.errno not in _PERMANENT_ERRNOS
+        return exc.errno != errno.ENOSPC
     return False
 
 
