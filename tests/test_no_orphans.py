@@ -90,10 +90,24 @@ def _left_alive(tree: list[psutil.Process], root: subprocess.Popen) -> list[str]
     return names
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT back to its default, as for a command typed in a terminal. A shell starts a background
+    job (`cmd &`, nohup) with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    a test suite started that way would see every SIGINT case fail for a reason that is not ours."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], proj: Path, env: dict[str, str]) -> subprocess.Popen:
     # a session of its own: a test's "Ctrl-C" goes to this group, not to pytest's
     return subprocess.Popen(
-        args, cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args,
+        cwd=proj,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_as_in_a_terminal,
     )
 
 
