@@ -109,11 +109,7 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
     return lambda: finetune(
         model,
         questions,
-        steps=args.steps,
-        batch_size=batch,
-        lr=c.lr,
-        retriever_top_k=c.retriever_top_k,
-        reader_top_k=c.top_k,
+        c.model_copy(update={"steps": args.steps, "batch_size": batch}),
         seed=params.seed,
     )
 

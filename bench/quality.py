@@ -220,10 +220,7 @@ def realm_retrievers(
         return train_ict(
             r,
             store,
-            steps=steps,
-            batch_size=ict.batch_size,
-            lr=ict.lr,
-            remove_prob=ict.remove_prob,
+            ict.model_copy(update={"steps": steps}),
             max_query_tokens=m.max_query_tokens,
             seed=params.seed,
             device=CPU,

@@ -619,11 +619,7 @@ def finetune_rows(args: argparse.Namespace, params: Params, gate: Gate, store: B
             finetune(
                 model,
                 questions,
-                steps=steps,
-                batch_size=batch,
-                lr=c.lr,
-                retriever_top_k=c.retriever_top_k,
-                reader_top_k=c.top_k,
+                c.model_copy(update={"steps": steps, "batch_size": batch}),
                 seed=params.seed,
             )
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import trange
 
 from realm_core import distributed
 from realm_core.blocks import BlockStore, pad_batch, query_batch
-from realm_core.checkpoint import Checkpointer, TrainState
+from realm_core.checkpoint import Checkpointer
+from realm_core.config import FinetuneParams
 from realm_core.index import DenseIndex
 from realm_core.logging import StepLogger, null_logger
+from realm_core.loop import TrainLoop
 from realm_core.metrics import AnswerIndex, answer_spans
 from realm_core.modeling import Embedder, SpanReader, marginal_over_correct
 from realm_core.optim import GroupedAdamW, Part
@@ -203,17 +204,15 @@ class OpenQA:
 def finetune(
     model: OpenQA,
     questions: list[Question],
+    c: FinetuneParams,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    retriever_top_k: int,
-    reader_top_k: int,
     seed: int,
     log: StepLogger = null_logger,
     checkpoint: Checkpointer | None = None,
 ) -> dict[str, float]:
-    """Train the query embedder and the reader; returns the last-quarter means of the step metrics.
+    """Train the query embedder and the reader for `c.steps` steps of `c.batch_size` questions at
+    `c.lr`, each over its `c.retriever_top_k` retrieved blocks of which the reader reads `c.top_k`;
+    returns the last-quarter means of the step metrics.
 
     With `checkpoint` it resumes from and saves to it, the per-step history riding along in the
     checkpoint's `extra` so the summary equals an uninterrupted run's. Randomness: the loop's
@@ -224,28 +223,26 @@ def finetune(
     if not questions:
         raise ValueError("no fine-tuning questions")
     rng = random.Random(seed)
-    opt = GroupedAdamW({"query": Part.of(model.query, lr), "reader": Part.of(model.reader, lr)}, steps)
+    opt = GroupedAdamW({"query": Part.of(model.query, c.lr), "reader": Part.of(model.reader, c.lr)}, c.steps)
     model.query.train()
     model.reader.train()
-    state = TrainState({"query": model.query, "reader": model.reader}, opt.optimizer, opt.schedule, {"batches": rng})
-    start = checkpoint.restore(state) if checkpoint else 0
-    history: list[dict[str, float]] = list(checkpoint.extra.get("history", [])) if start else []
-    batch_size = distributed.global_batch_size(batch_size, len(questions))
+    modules = {"query": model.query, "reader": model.reader}
+    loop = TrainLoop("finetune", opt, modules, {"batches": rng}, c.steps, log=log, checkpoint=checkpoint)
+    history: list[dict[str, float]] = list(loop.resumed.get("history", []))
+    batch_size = distributed.global_batch_size(c.batch_size, len(questions))
     loss_fn = distributed.data_parallel(
-        lambda batch: model.losses(batch, retriever_top_k, reader_top_k), model.query, model.reader
+        lambda batch: model.losses(batch, c.retriever_top_k, c.top_k), model.query, model.reader
     )
-    log = distributed.master_only(log)
-    for step in trange(
-        start, steps, desc="finetune", unit="step", mininterval=2.0, disable=not distributed.is_master()
-    ):
+
+    def forward(step: int) -> tuple[torch.Tensor, dict]:
         out = loss_fn(distributed.shard(rng.sample(questions, batch_size)))
-        opt.zero_grad()
-        out["loss"].backward()
-        row = distributed.average({**out, **opt.step()})
+        return out["loss"], out
+
+    def keep(row: dict, step: int) -> dict:
         history.append(row)
-        log(row, step)
-        if checkpoint:
-            checkpoint.maybe_save(step + 1, state, extra={"history": history}, final=step + 1 == steps)
+        return row
+
+    loop.run(forward, on_row=keep, extra=lambda: {"history": history})
     tail = history[-max(1, len(history) // 4) :] or [{"loss": 0.0}]
     return {f"{k}_last_quarter": float(np.mean([r[k] for r in tail])) for k in tail[0]}
 

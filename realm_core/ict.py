@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import trange
 
 from realm_core import distributed
 from realm_core.blocks import BlockStore, doc_batch, pad_batch, query_batch
-from realm_core.checkpoint import Checkpointer, TrainState
+from realm_core.checkpoint import Checkpointer
+from realm_core.config import IctParams
 from realm_core.logging import StepLogger, null_logger
+from realm_core.loop import TrainLoop
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever
 from realm_core.optim import GroupedAdamW, Part
 
@@ -85,18 +86,16 @@ def ict_loss(
 def train_ict(
     retriever: Retriever,
     store: BlockStore,
+    c: IctParams,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    remove_prob: float,
     max_query_tokens: int,
     seed: int,
     device: torch.device,
     log: StepLogger = null_logger,
     checkpoint: Checkpointer | None = None,
 ) -> Retriever:
-    """ICT on in-batch negatives; with `checkpoint`, resumes from and saves to it (same result as one run).
+    """ICT on in-batch negatives for `c.steps` steps (`c.batch_size`, `c.lr`, `c.remove_prob`);
+    with `checkpoint`, resumes from and saves to it (same result as one run).
 
     All randomness is the loop's `rng` (batches, sentences, removals) and torch's global
     generator (dropout), both in the checkpoint. Under torchrun every rank draws the same
@@ -107,25 +106,18 @@ def train_ict(
     pool = ict_candidates(store)
     if len(pool) < 2:
         raise ValueError("ICT needs at least two blocks with two or more sentences; the corpus is too small")
-    batch_size = distributed.global_batch_size(batch_size, len(pool))
+    batch_size = distributed.global_batch_size(c.batch_size, len(pool))
     retriever.to(device).train()
-    opt = GroupedAdamW({"query": Part.of(retriever.query, lr), "doc": Part.of(retriever.doc, lr)}, steps)
-    state = TrainState({"retriever": retriever}, opt.optimizer, opt.schedule, {"batches": rng})
-    start = checkpoint.restore(state) if checkpoint else 0
+    opt = GroupedAdamW({"query": Part.of(retriever.query, c.lr), "doc": Part.of(retriever.doc, c.lr)}, c.steps)
+    loop = TrainLoop("ict", opt, {"retriever": retriever}, {"batches": rng}, c.steps, log=log, checkpoint=checkpoint)
     loss_fn = distributed.data_parallel(lambda examples: ict_loss(retriever, examples, store, device), retriever)
-    log = distributed.master_only(log)
-    for step in trange(start, steps, desc="ict", unit="step", mininterval=2.0, disable=not distributed.is_master()):
-        examples = [ict_example(store, b, rng, remove_prob, max_query_tokens) for b in rng.sample(pool, batch_size)]
+
+    def forward(step: int) -> tuple[torch.Tensor, dict]:
+        examples = [ict_example(store, b, rng, c.remove_prob, max_query_tokens) for b in rng.sample(pool, batch_size)]
         loss, acc = loss_fn(distributed.shard(examples))
-        opt.zero_grad()
-        loss.backward()
-        norms = opt.step()
-        log(
-            distributed.average({"ict_loss": loss, "ict_accuracy": acc, **{f"ict_{k}": v for k, v in norms.items()}}),
-            step,
-        )
-        if checkpoint:
-            checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
+        return loss, {"ict_loss": loss, "ict_accuracy": acc}
+
+    loop.run(forward, report=lambda metrics, norms: {**metrics, **{f"ict_{k}": v for k, v in norms.items()}})
     return retriever
 
 
@@ -152,16 +144,15 @@ def mask_tokens(
 def warmup_mlm_head(
     encoder: KnowledgeAugmentedEncoder,
     store: BlockStore,
+    c: IctParams,
     *,
-    steps: int,
-    batch_size: int,
-    lr: float,
     seed: int,
     device: torch.device,
     log: StepLogger = null_logger,
     checkpoint: Checkpointer | None = None,
 ) -> KnowledgeAugmentedEncoder:
-    """Train the new MLM head on masked blocks with the backbone frozen (see module docstring).
+    """Train the new MLM head on masked blocks with the backbone frozen (see module docstring),
+    for `c.mlm_warmup_steps` steps of `c.mlm_batch_size` blocks at `c.mlm_lr`.
 
     Resumable like `train_ict`: `rng` (batches), `gen` (masking) and torch's dropout generator
     are checkpointed with the encoder and the optimizer. Under torchrun the global batch is
@@ -173,16 +164,15 @@ def warmup_mlm_head(
     encoder.to(device).train()
     head = encoder.mlm.cls.predictions
     encoder.bert.requires_grad_(False)  # also freezes the tied decoder weight (= word embeddings)
-    opt = GroupedAdamW({"mlm_head": Part.of(head, lr)}, steps)  # the frozen tied decoder is skipped
-    state = TrainState({"encoder": encoder}, opt.optimizer, opt.schedule, {"batches": rng, "masking": gen})
-    start = checkpoint.restore(state) if checkpoint else 0
+    steps = c.mlm_warmup_steps
+    opt = GroupedAdamW({"mlm_head": Part.of(head, c.mlm_lr)}, steps)  # the frozen tied decoder is skipped
+    rngs = {"batches": rng, "masking": gen}
+    loop = TrainLoop("mlm head warm-up", opt, {"encoder": encoder}, rngs, steps, log=log, checkpoint=checkpoint)
     tok = store.tokenizer
-    batch_size = distributed.global_batch_size(batch_size, len(store))
+    batch_size = distributed.global_batch_size(c.mlm_batch_size, len(store))
     loss_fn = distributed.data_parallel(lambda *batch: _masked_lm_loss(encoder, *batch), encoder)
-    log = distributed.master_only(log)
-    for step in trange(
-        start, steps, desc="mlm head warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()
-    ):
+
+    def forward(step: int) -> tuple[torch.Tensor, dict]:
         batch = doc_batch(store, rng.sample(range(len(store)), batch_size), torch.device("cpu"))
         special = (
             (batch["input_ids"] == tok.cls_token_id)
@@ -199,12 +189,9 @@ def warmup_mlm_head(
         loss_sum, correct = loss_fn(*local)
         per_token = distributed.world_size() / max(1, total)  # DDP averages over ranks: W * local sum / global count
         loss = loss_sum * per_token
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log(distributed.average({"mlm_loss": loss, "mlm_accuracy": correct * per_token}), step)
-        if checkpoint:
-            checkpoint.maybe_save(step + 1, state, final=step + 1 == steps)
+        return loss, {"mlm_loss": loss, "mlm_accuracy": correct * per_token}
+
+    loop.run(forward, report=lambda metrics, norms: metrics)  # one frozen-backbone head: no norms logged
     encoder.bert.requires_grad_(True)
     return encoder
 

@@ -23,15 +23,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import trange
 
 from realm_core import distributed
 from realm_core.blocks import BlockStore, doc_batch, query_batch
-from realm_core.checkpoint import Checkpointer, TrainState
+from realm_core.checkpoint import Checkpointer
 from realm_core.config import PretrainParams
 from realm_core.index import DenseIndex
 from realm_core.io import InputError
 from realm_core.logging import StepLogger, null_logger
+from realm_core.loop import TrainLoop
 from realm_core.masking import (  # noqa: F401 (re-exported)
     MASKINGS,
     MaskedQuery,
@@ -391,16 +391,16 @@ def pretrain(
     trainer.train()
     best = BestByUtility(c.best_window, on_best if distributed.is_master() else None)
     batch_size = distributed.global_batch_size(c.batch_size, len(queries))
-    log = distributed.master_only(log)
+    loop = TrainLoop("pretrain", opt, trainer.modules(), {"batches": rng}, c.steps, log=log, checkpoint=checkpoint)
+    log = loop.log
+    start = loop.start
     history: dict[str, list[float]] = {}
     gains: list[float] = []
-    state = TrainState(trainer.modules(), opt.optimizer, opt.schedule, {"batches": rng})
-    start = checkpoint.restore(state) if checkpoint else 0
     try:
         if start:
-            best.load(checkpoint.extra["best"])
-            history = {k: list(v) for k, v in checkpoint.extra["history"].items()}
-            gains = list(checkpoint.extra["evidence_gains"])
+            best.load(loop.resumed["best"])
+            history = {k: list(v) for k, v in loop.resumed["history"].items()}
+            gains = list(loop.resumed["evidence_gains"])
 
         def evidence_gain(step: int) -> dict[str, float]:
             if probe is None or not len(probe) or not distributed.is_master():
@@ -413,16 +413,13 @@ def pretrain(
             extra = on_index(index) if on_index is not None and distributed.is_master() else {}
             log({**refresh_metrics(refresher.records[-1]), **extra, **evidence_gain(step)}, step)
 
-        use_index(
-            refresher.initial(trainer.retriever.doc, start, checkpoint.extra.get("refreshes") if start else None), start
-        )
+        use_index(refresher.initial(trainer.retriever.doc, start, loop.resumed.get("refreshes")), start)
         if start == 0 and trainer.null_bias:
             bias = trainer.calibrate_null_bias(random.Random(seed + 1).sample(queries, batch_size))
             log({"null_bias_init": bias}, 0)
         loss_fn = distributed.data_parallel(trainer.forward, *trainer.modules().values())
-        for step in trange(
-            start, c.steps, desc="pretrain", unit="step", mininterval=2.0, disable=not distributed.is_master()
-        ):
+
+        def forward(step: int) -> tuple[torch.Tensor, dict]:
             new_index = refresher.step(trainer.retriever.doc, step)
             if new_index is not None:
                 use_index(new_index, step)
@@ -430,38 +427,30 @@ def pretrain(
             local = distributed.shard(batch)
             out = loss_fn(local)
             loss = out["loss"] * trainer.shard_weight(local, batch)
-            opt.zero_grad()
-            loss.backward()
-            norms = opt.step()
-            row = {
-                "loss": loss,
-                "index_staleness": step - trainer.index_snapshot_step,
-                "lr_encoder": opt.lr("encoder"),
-                "lr_query": opt.lr("query"),
-                **norms,
-            }
-            row = distributed.average(
-                {**row, **{k: out[k] for k in DIAGNOSTICS if k in out}, "null_bias": trainer.null.bias.detach()}
-            )
+            diagnostics = {k: out[k] for k in DIAGNOSTICS if k in out}
+            return loss, {"loss": loss, "index_staleness": step - trainer.index_snapshot_step, **diagnostics}
+
+        def report(metrics: dict, norms: dict[str, float]) -> dict:
+            """Read after the optimiser step: the learning rates of the next step and the null
+            bias this step produced."""
+            head = {k: metrics[k] for k in ("loss", "index_staleness")}
+            lrs = {"lr_encoder": opt.lr("encoder"), "lr_query": opt.lr("query")}
+            diagnostics = {k: metrics[k] for k in DIAGNOSTICS if k in metrics}
+            return {**head, **lrs, **norms, **diagnostics, "null_bias": trainer.null.bias.detach()}
+
+        def keep(row: dict, step: int) -> dict:
             for k, v in row.items():
                 history.setdefault(k, []).append(v)
             if "retrieval_utility" in row:
                 window_mean = best.add(row["retrieval_utility"], step)
                 if window_mean is not None:
                     row["retrieval_utility_window"] = window_mean
-            log(row, step)
-            if checkpoint:
-                checkpoint.maybe_save(
-                    step + 1,
-                    state,
-                    final=step + 1 == c.steps,
-                    extra={
-                        "best": best.state(),
-                        "history": history,
-                        "evidence_gains": gains,
-                        "refreshes": refresher.log(),
-                    },
-                )
+            return row
+
+        def extra() -> dict:
+            return {"best": best.state(), "history": history, "evidence_gains": gains, "refreshes": refresher.log()}
+
+        loop.run(forward, report=report, on_row=keep, extra=extra)
         distributed.barrier()  # rank 0's last on_best has written its files
     finally:
         refresher.close()

@@ -27,13 +27,13 @@ import random
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import trange
 
 from realm_core import distributed
 from realm_core.blocks import BlockStore
-from realm_core.checkpoint import Checkpointer, TrainState
+from realm_core.checkpoint import Checkpointer
 from realm_core.config import EncoderWarmupParams, PretrainParams
 from realm_core.logging import StepLogger, null_logger
+from realm_core.loop import TrainLoop
 from realm_core.masking import (
     MaskedQuery,
     answer_bearing_blocks,
@@ -232,24 +232,23 @@ def warmup_encoder(
     rng = random.Random(seed)
     encoder.to(device).train()
     opt = GroupedAdamW({"encoder": Part.of(encoder, c.lr)}, c.steps)
-    state = TrainState({"encoder": encoder}, opt.optimizer, opt.schedule, {"batches": rng})
-    start = checkpoint.restore(state) if checkpoint else 0
-    log = distributed.master_only(log)
+    loop = TrainLoop(
+        "encoder warm-up", opt, {"encoder": encoder}, {"batches": rng}, c.steps, log=log, checkpoint=checkpoint
+    )
     gain = {}
 
     def measure(step: int) -> None:
         if probe is not None and len(probe) and distributed.is_master():
             gain["last"] = probe.evidence_gain(encoder, store, device)
             gain.setdefault("first", gain["last"])
-            log({"evidence_gain": gain["last"]}, step)
+            loop.log({"evidence_gain": gain["last"]}, step)
 
-    if start == 0:
+    if loop.start == 0:
         measure(0)
     batch_size = distributed.global_batch_size(c.batch_size, len(pool)) if c.steps else 0
     loss_fn = distributed.data_parallel(lambda qs, ctx: _warmup_loss(encoder, store, qs, ctx, device), encoder)
-    for step in trange(
-        start, c.steps, desc="encoder warm-up", unit="step", mininterval=2.0, disable=not distributed.is_master()
-    ):
+
+    def forward(step: int) -> tuple[torch.Tensor, dict]:
         chosen = rng.sample(pool, batch_size)
         contexts = warmup_contexts(
             chosen, evidence, [queries[i].block_id for i in chosen], len(store), c, rng, negatives
@@ -260,19 +259,14 @@ def warmup_encoder(
             sum(len(q.targets) for q in local_q), sum(len(queries[i].targets) for i in chosen)
         )
         loss, correct, tokens = loss_fn(local_q, [[z] for _, z in mine])
-        opt.zero_grad()
-        (loss * weight).backward()
-        norms = opt.step()
-        log(
-            distributed.average(
-                {"encoder_warmup_loss": loss, "encoder_warmup_accuracy": correct / tokens.clamp(min=1), **norms}
-            ),
-            step,
-        )
+        # the logged loss is this shard's mean; the backpropagated one is weighted to the global batch's
+        return loss * weight, {"encoder_warmup_loss": loss, "encoder_warmup_accuracy": correct / tokens.clamp(min=1)}
+
+    def probe_due(step: int) -> None:
         if (step + 1) % probe_every == 0 and step + 1 < c.steps:
             measure(step + 1)
-        if checkpoint:
-            checkpoint.maybe_save(step + 1, state, final=step + 1 == c.steps)
+
+    loop.run(forward, after=probe_due)
     if c.steps:
         measure(c.steps)
     summary = {"encoder_warmup_steps": float(c.steps)}

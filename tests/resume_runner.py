@@ -23,7 +23,7 @@ from safetensors.torch import save_model
 
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer
-from realm_core.config import PretrainParams
+from realm_core.config import FinetuneParams, IctParams, PretrainParams
 from realm_core.finetune import OpenQA, Question, finetune
 from realm_core.ict import train_ict
 from realm_core.index import DenseIndex
@@ -70,10 +70,7 @@ def run(
         train_ict(
             retriever,
             store,
-            steps=steps,
-            batch_size=6,
-            lr=1e-3,
-            remove_prob=0.9,
+            IctParams(steps=steps, batch_size=6, lr=1e-3, remove_prob=0.9),
             max_query_tokens=32,
             seed=SEED,
             device=CPU,
@@ -103,11 +100,7 @@ def run(
         summary = finetune(
             model,
             QUESTIONS,
-            steps=steps,
-            batch_size=2,
-            lr=1e-3,
-            retriever_top_k=6,
-            reader_top_k=3,
+            FinetuneParams(steps=steps, batch_size=2, lr=1e-3, retriever_top_k=6, top_k=3),
             seed=SEED,
             log=log,
             checkpoint=ckpt,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file, save_model
 from realm_core import distributed
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer, latest_checkpoint
-from realm_core.config import PretrainParams
+from realm_core.config import FinetuneParams, IctParams, PretrainParams
 from realm_core.finetune import OpenQA, Question, finetune
 from realm_core.ict import ict_candidates, ict_example, ict_logits, train_ict
 from realm_core.index import DenseIndex
@@ -105,10 +105,7 @@ def _train_all(root: Path, out: Path) -> None:
         train_ict(
             retriever,
             store,
-            steps=STEPS,
-            batch_size=4,
-            lr=1e-3,
-            remove_prob=0.9,
+            IctParams(steps=STEPS, batch_size=4, lr=1e-3, remove_prob=0.9),
             max_query_tokens=32,
             seed=SEED,
             device=CPU,
@@ -157,11 +154,7 @@ def _train_all(root: Path, out: Path) -> None:
     finetune(
         model,
         QUESTIONS,
-        steps=2,
-        batch_size=4,
-        lr=1e-3,
-        retriever_top_k=6,
-        reader_top_k=3,
+        FinetuneParams(steps=2, batch_size=4, lr=1e-3, retriever_top_k=6, top_k=3),
         seed=SEED,
         log=logger("finetune", "loss"),
     )
@@ -189,10 +182,7 @@ def _ict_from_checkpoint(root: Path, store: BlockStore, ckpt: Checkpointer, atte
     train_ict(
         retriever,
         store,
-        steps=4,
-        batch_size=4,
-        lr=1e-3,
-        remove_prob=0.9,
+        IctParams(steps=4, batch_size=4, lr=1e-3, remove_prob=0.9),
         max_query_tokens=32,
         seed=SEED,
         device=CPU,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from realm_core.blocks import embed_blocks
-from realm_core.config import PretrainParams
+from realm_core.config import FinetuneParams, IctParams, PretrainParams
 from realm_core.finetune import OpenQA, Question, enumerate_spans, finetune
 from realm_core.ict import ict_example, train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
@@ -202,10 +202,7 @@ def test_ict_training_lowers_the_loss(tiny):
     train_ict(
         retriever,
         store,
-        steps=30,
-        batch_size=8,
-        lr=1e-3,
-        remove_prob=0.0,
+        IctParams(steps=30, batch_size=8, lr=1e-3, remove_prob=0.0),
         max_query_tokens=32,
         seed=0,
         device=CPU,
@@ -221,7 +218,7 @@ def test_mlm_head_warmup_trains_only_the_head(tiny):
     assert encoder.mlm.cls.predictions.decoder.weight is encoder.mlm.bert.embeddings.word_embeddings.weight
     word = encoder.mlm.bert.embeddings.word_embeddings.weight.detach().clone()
     head = encoder.mlm.cls.predictions.transform.dense.weight.detach().clone()
-    warmup_mlm_head(encoder, store, steps=3, batch_size=4, lr=1e-2, seed=0, device=CPU)
+    warmup_mlm_head(encoder, store, IctParams(mlm_warmup_steps=3, mlm_batch_size=4, mlm_lr=1e-2), seed=0, device=CPU)
     assert torch.equal(word, encoder.mlm.bert.embeddings.word_embeddings.weight)
     assert not torch.equal(head, encoder.mlm.cls.predictions.transform.dense.weight)
 
@@ -281,11 +278,7 @@ def test_finetune_keeps_block_embeddings_frozen_and_trains_query_and_reader(tiny
     finetune(
         model,
         questions,
-        steps=3,
-        batch_size=2,
-        lr=1e-3,
-        retriever_top_k=10,
-        reader_top_k=3,
+        FinetuneParams(steps=3, batch_size=2, lr=1e-3, retriever_top_k=10, top_k=3),
         seed=0,
         log=lambda m, s: logged.append(m),
     )

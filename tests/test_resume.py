@@ -309,6 +309,7 @@ def test_stage_fingerprint_uses_the_dvc_stage_params_but_not_checkpoint_every(tm
 def test_mlm_head_warmup_resumes_to_the_same_head(tiny_dir):
     """The second loop of the ict stage: its masking generator and dropout are restored too."""
     from realm_core.blocks import BlockStore
+    from realm_core.config import IctParams
     from realm_core.ict import warmup_mlm_head
     from realm_core.modeling import load_tokenizer
 
@@ -324,9 +325,8 @@ def test_mlm_head_warmup_resumes_to_the_same_head(tiny_dir):
                 raise RuntimeError("simulated crash")
             losses.append(m["mlm_loss"])
 
-        warmup_mlm_head(
-            encoder, store, steps=6, batch_size=4, lr=1e-2, seed=0, device=torch.device("cpu"), log=log, checkpoint=ckpt
-        )
+        c = IctParams(mlm_warmup_steps=6, mlm_batch_size=4, mlm_lr=1e-2)
+        warmup_mlm_head(encoder, store, c, seed=0, device=torch.device("cpu"), log=log, checkpoint=ckpt)
         return encoder, losses
 
     reference, ref_losses = run(None)
