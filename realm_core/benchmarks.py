@@ -25,18 +25,15 @@ raises InputError naming the file (and line, or JSON path) and the fix.
 
 from __future__ import annotations
 
-import json
 import random
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from realm_core.corpus import Passage, read_jsonl_corpus
 from realm_core.io import InputError, read_jsonl
 from realm_core.metrics import AnswerIndex, has_answer_regex
-from realm_core.questions import QAExample, check_answers, read_questions
+from realm_core.questions import QAExample, read_questions, read_squad
 
 # ../shared/data layout (SOURCES.md): file -> (dataset tag, answers are regexes)
 SQUAD_ZIP = "squad_open/dev-v1.1.json.zip"
@@ -60,84 +57,6 @@ class Benchmark:
 
 
 # ============================================================================ readers
-
-
-def _squad_json(path: Path) -> Any:
-    """The parsed JSON of a SQuAD file, or of the single .json inside a .zip (the original release)."""
-    try:
-        if path.suffix.lower() == ".zip":
-            with zipfile.ZipFile(path) as zf:
-                names = [n for n in zf.namelist() if n.endswith(".json")]
-                if len(names) != 1:
-                    raise InputError(f"{path}: expected exactly one .json file inside the zip, found {names}")
-                raw = zf.read(names[0])
-        else:
-            raw = path.read_bytes()
-        return json.loads(raw.decode("utf-8-sig"))  # a byte order mark is not JSON
-    except zipfile.BadZipFile:
-        raise InputError(f"{path}: not a valid zip file; re-download the SQuAD release") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-
-
-def _expect(value: Any, kind: type, where: str, what: str) -> Any:
-    if not isinstance(value, kind) or (kind is str and not value.strip()):
-        raise InputError(f"{where}: expected {what}, got {value!r:.80}; the file must follow the SQuAD v1.1 schema")
-    return value
-
-
-def read_squad(path: str | Path, id_prefix: str = "squad-dev") -> tuple[list[Passage], list[QAExample]]:
-    """SQuAD v1.1 JSON (or its zip): paragraphs as passages, questions as QA with their paragraph as gold.
-
-    Passage ids are `{id_prefix}-{article:02d}-{paragraph:03d}`, titles have "_" replaced by
-    spaces (the ids and titles of ../shared/data/squad_open/squad_dev_paragraphs.jsonl). Each
-    question's answers are its annotators' answer texts (duplicates kept, as the dev file has them).
-    Errors name the file and the JSON path of the bad item (data[a].paragraphs[p].qas[q]).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    doc = _squad_json(path)
-    articles = _expect(
-        doc.get("data") if isinstance(doc, dict) else None, list, f"{path}", 'a top-level {"data": [...]} list'
-    )
-    passages: list[Passage] = []
-    questions: list[QAExample] = []
-    for a, article in enumerate(articles):
-        where = f"{path}: data[{a}]"
-        _expect(article, dict, where, "an article object")
-        title = _expect(article.get("title"), str, f"{where}.title", "a title string").replace("_", " ").strip()
-        for p, paragraph in enumerate(
-            _expect(article.get("paragraphs"), list, f"{where}.paragraphs", "a list of paragraphs")
-        ):
-            pw = f"{where}.paragraphs[{p}]"
-            _expect(paragraph, dict, pw, "a paragraph object")
-            pid = f"{id_prefix}-{a:02d}-{p:03d}"
-            passages.append(
-                Passage(
-                    pid, title, _expect(paragraph.get("context"), str, f"{pw}.context", "a non-empty context string")
-                )
-            )
-            for q, qa in enumerate(_expect(paragraph.get("qas"), list, f"{pw}.qas", "a list of questions")):
-                qw = f"{pw}.qas[{q}]"
-                _expect(qa, dict, qw, "a question object")
-                question = _expect(qa.get("question"), str, f"{qw}.question", "a non-empty question string").strip()
-                raw = _expect(
-                    qa.get("answers"),
-                    list,
-                    f"{qw}.answers",
-                    "a list of answers (SQuAD 2.0 unanswerable questions are not supported)",
-                )
-                texts = [ans.get("text") if isinstance(ans, dict) else ans for ans in raw]
-                answers = check_answers(texts, qw, "answers[].text", regex=False)
-                questions.append(QAExample(question, answers, False, (pid,), str(qa.get("id", ""))))
-    if not passages:
-        raise InputError(f"{path}: no paragraphs; expected SQuAD v1.1 JSON with data[].paragraphs[]")
-    return passages, questions
 
 
 def read_pyserini_corpus(path: str | Path) -> list[Passage]:

@@ -13,7 +13,7 @@ Question files in the standard open-QA formats (`read_questions` picks the reade
                 optional "gold_passage_id" / "linked_passage_ids" and "id"
     .tsv .csv   DPR `*.qa.csv` / anserini topics: question<TAB>["a", "b"] (a JSON or Python list)
     .txt        DrQA datasets are JSON lines, anserini topics are TSV: sniffed from the first line
-    .json .zip  SQuAD v1.1 (realm_core.benchmarks.read_squad): its questions
+    .json .zip  SQuAD v1.1 (read_squad, below): its questions
 
 CuratedTREC answers are regular expressions (`regex=True`): each must compile, and scoring uses
 metrics.regex_match / metrics.has_answer_regex instead of exact match / has_answer. Every
@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import ast
 import csv
+import json
 import random
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from realm_core.corpus import join_pieces, resolve_input
+from realm_core.corpus import Passage, join_pieces, resolve_input
 from realm_core.io import InputError, decode_line, read_jsonl
 from realm_core.metrics import AnswerIndex, has_answer
 
@@ -296,6 +298,84 @@ def _looks_like_json_lines(path: Path) -> bool:
     return True
 
 
+def _squad_json(path: Path) -> Any:
+    """The parsed JSON of a SQuAD file, or of the single .json inside a .zip (the original release)."""
+    try:
+        if path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith(".json")]
+                if len(names) != 1:
+                    raise InputError(f"{path}: expected exactly one .json file inside the zip, found {names}")
+                raw = zf.read(names[0])
+        else:
+            raw = path.read_bytes()
+        return json.loads(raw.decode("utf-8-sig"))  # a byte order mark is not JSON
+    except zipfile.BadZipFile:
+        raise InputError(f"{path}: not a valid zip file; re-download the SQuAD release") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _expect(value: Any, kind: type, where: str, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is str and not value.strip()):
+        raise InputError(f"{where}: expected {what}, got {value!r:.80}; the file must follow the SQuAD v1.1 schema")
+    return value
+
+
+def read_squad(path: str | Path, id_prefix: str = "squad-dev") -> tuple[list[Passage], list[QAExample]]:
+    """SQuAD v1.1 JSON (or its zip): paragraphs as passages, questions as QA with their paragraph as gold.
+
+    Passage ids are `{id_prefix}-{article:02d}-{paragraph:03d}`, titles have "_" replaced by
+    spaces (the ids and titles of ../shared/data/squad_open/squad_dev_paragraphs.jsonl). Each
+    question's answers are its annotators' answer texts (duplicates kept, as the dev file has them).
+    Errors name the file and the JSON path of the bad item (data[a].paragraphs[p].qas[q]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    doc = _squad_json(path)
+    articles = _expect(
+        doc.get("data") if isinstance(doc, dict) else None, list, f"{path}", 'a top-level {"data": [...]} list'
+    )
+    passages: list[Passage] = []
+    questions: list[QAExample] = []
+    for a, article in enumerate(articles):
+        where = f"{path}: data[{a}]"
+        _expect(article, dict, where, "an article object")
+        title = _expect(article.get("title"), str, f"{where}.title", "a title string").replace("_", " ").strip()
+        for p, paragraph in enumerate(
+            _expect(article.get("paragraphs"), list, f"{where}.paragraphs", "a list of paragraphs")
+        ):
+            pw = f"{where}.paragraphs[{p}]"
+            _expect(paragraph, dict, pw, "a paragraph object")
+            pid = f"{id_prefix}-{a:02d}-{p:03d}"
+            passages.append(
+                Passage(
+                    pid, title, _expect(paragraph.get("context"), str, f"{pw}.context", "a non-empty context string")
+                )
+            )
+            for q, qa in enumerate(_expect(paragraph.get("qas"), list, f"{pw}.qas", "a list of questions")):
+                qw = f"{pw}.qas[{q}]"
+                _expect(qa, dict, qw, "a question object")
+                question = _expect(qa.get("question"), str, f"{qw}.question", "a non-empty question string").strip()
+                raw = _expect(
+                    qa.get("answers"),
+                    list,
+                    f"{qw}.answers",
+                    "a list of answers (SQuAD 2.0 unanswerable questions are not supported)",
+                )
+                texts = [ans.get("text") if isinstance(ans, dict) else ans for ans in raw]
+                answers = check_answers(texts, qw, "answers[].text", regex=False)
+                questions.append(QAExample(question, answers, False, (pid,), str(qa.get("id", ""))))
+    if not passages:
+        raise InputError(f"{path}: no paragraphs; expected SQuAD v1.1 JSON with data[].paragraphs[]")
+    return passages, questions
+
+
 def read_questions(path: str | Path, *, regex: bool = False) -> list[QAExample]:
     """Read a question file in any of the standard open-QA formats, by suffix (module docstring)."""
     path = Path(path)
@@ -307,7 +387,5 @@ def read_questions(path: str | Path, *, regex: bool = False) -> list[QAExample]:
     if suffix in (".tsv", ".csv", ".txt"):
         return read_qa_tsv(path, regex=regex)
     if suffix in (".json", ".zip"):
-        from realm_core.benchmarks import read_squad  # SQuAD is a corpus and a question set
-
         return read_squad(path)[1]
     raise InputError(f"{path}: unknown question file type {suffix!r}; accepted: {QA_FORMATS}")

@@ -14,7 +14,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from realm_core.config import Params
-from realm_core.corpus import Passage, finish_corpus, process_shard, read_passages
+from realm_core.corpus import Passage, process_shard, read_passages
+from realm_core.corpus_files import finish_corpus
 from realm_core.modeling import backbone_dir, load_tokenizer
 from tasks.retry import IO_RETRIES
 

@@ -40,7 +40,8 @@ from safetensors import SafetensorError
 from realm_core.answer import Answerer
 from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.config import CorpusParams, ParamsError, load_params
-from realm_core.corpus import build_corpus, finish_corpus, read_jsonl_corpus, read_tsv
+from realm_core.corpus import read_jsonl_corpus, read_tsv
+from realm_core.corpus_files import build_corpus, finish_corpus
 from realm_core.finetune import load_questions
 from realm_core.index import DenseIndex
 from realm_core.io import InputError, write_json

@@ -13,9 +13,7 @@ from realm_core.config import CorpusParams
 from realm_core.corpus import (
     Passage,
     analyse,
-    build_corpus,
     date_spans,
-    finish_corpus,
     merge_fragments,
     merge_spans,
     number_blocks,
@@ -28,6 +26,7 @@ from realm_core.corpus import (
     shard,
     subsample,
 )
+from realm_core.corpus_files import build_corpus, finish_corpus
 from realm_core.finetune import load_questions
 from realm_core.io import InputError
 from realm_core.metrics import has_answer

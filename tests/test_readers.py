@@ -16,7 +16,6 @@ from realm_core.benchmarks import (
     answer_sets,
     gold_sets,
     read_pyserini_corpus,
-    read_squad,
     squad_open,
     vital_linked,
     with_distractors,
@@ -24,7 +23,7 @@ from realm_core.benchmarks import (
 from realm_core.corpus import Passage, read_jsonl_corpus, read_tsv
 from realm_core.io import InputError
 from realm_core.metrics import has_answer, has_answer_regex
-from realm_core.questions import QAExample, load_qa_files, read_qa_jsonl, read_qa_tsv, read_questions
+from realm_core.questions import QAExample, load_qa_files, read_qa_jsonl, read_qa_tsv, read_questions, read_squad
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

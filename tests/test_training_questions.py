@@ -10,12 +10,11 @@ import pytest
 from realm_core.benchmarks import (
     EVALUATION_FILES,
     SQUAD_ZIP,
-    read_squad,
     squad_article,
     squad_article_half,
     training_questions,
 )
-from realm_core.questions import QAExample, read_questions
+from realm_core.questions import QAExample, read_questions, read_squad
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / SQUAD_ZIP).is_file(), reason="../shared/data is absent")
