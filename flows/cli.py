@@ -26,20 +26,16 @@ from typing import Annotated
 import typer
 
 from flows.env import configure
+from flows.stages import STAGES, TRAINING_STAGES
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="REALM pipeline: corpus -> ict -> pretrain -> finetune -> evaluate.",
+    help=f"REALM pipeline: {' -> '.join(STAGES)}.",
 )
 
 
-class Stage(str, Enum):
-    corpus = "corpus"
-    ict = "ict"
-    pretrain = "pretrain"
-    finetune = "finetune"
-    evaluate = "evaluate"
+Stage = Enum("Stage", {name: name for name in STAGES}, type=str)  # the registry's (flows/stages.py)
 
 
 class Tool(str, Enum):
@@ -199,10 +195,7 @@ def stage(name: Annotated[Stage, typer.Argument(help="the stage to run")]) -> No
     typer.echo(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
 
 
-class TrainingStage(str, Enum):
-    ict = "ict"
-    pretrain = "pretrain"
-    finetune = "finetune"
+TrainingStage = Enum("TrainingStage", {name: name for name in TRAINING_STAGES}, type=str)
 
 
 @app.command()

@@ -28,13 +28,12 @@ from pydantic import BaseModel, ValidationError
 from flows.env import project_root
 from flows.procs import run_child
 from flows.resume import close_stale_runs, process_tags
+from flows.stages import PIPELINE_NOTE, STAGES
 from flows.tracking import (
     MEMORY_KEYS,
     PARENT_RUN_ENV,
     PIPELINE_FLOW_RUN_ENV,
     PIPELINE_NAME_ENV,
-    STAGE_NOTES,
-    STAGES,
     ensure_experiment,
     git_commit,
     log_params,
@@ -253,7 +252,7 @@ def pipeline_flow(
         "realm.stage": "pipeline",
         "git.commit": git_commit(root_dir),
         "mlflow.source.git.commit": git_commit(root_dir),
-        "mlflow.note.content": STAGE_NOTES["pipeline"],
+        "mlflow.note.content": PIPELINE_NOTE,
         "prefect.flow_run_id": prefect_flow_run_id(),
         "mlflow.source.name": "realm run",
         **process_tags(root_dir),  # so a later command can tell this run's process is gone

@@ -11,15 +11,12 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-if TYPE_CHECKING:
-    from flows.tracking import StageContext
-
+from realm_core.paths import Paths
 
 RESUMED_BY = "realm.resumed_by"  # on a killed run: the attempt that took it up
 
@@ -89,41 +86,43 @@ def earlier_rows(
     return rows
 
 
-def link_resumed_run(client: MlflowClient, experiment_id: str, ctx: StageContext) -> None:
-    """Close the runs of killed attempts of this stage and link this run to the newest one.
+def link_resumed_run(
+    client: MlflowClient, experiment_id: str, stage: str, paths: Paths, run_id: str, prefix: str
+) -> dict[int, dict[str, float]]:
+    """Close the runs of killed attempts of `stage` and link its run `run_id` to the newest one.
 
     Tags `resumed_from` (that run's id) and `resumed_at_step`: the step of the newest checkpoint in
     runs/<stage>/ ("<loop>:<step>,..." for a stage with several loops; 0 = nothing to resume; the
     loop still discards a checkpoint made with other params or inputs). When resuming, the
-    earlier attempts' per-step rows are preloaded so the curve and final metrics are complete.
+    earlier attempts' per-step rows (metric names under `prefix`) are returned, for the caller's
+    recorder to preload so the curve and final metrics are complete; {} when nothing resumes.
     """
-    root = str(ctx.paths.root.resolve())
-    close_stale_runs(client, experiment_id, ctx.stage)
+    root = str(paths.root.resolve())
+    close_stale_runs(client, experiment_id, stage)
     mine = [  # this stage's earlier attempts in this workspace, newest first
         r
         for r in client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`realm.stage` = '{ctx.stage}' and attributes.status != 'RUNNING'",
+            filter_string=f"tags.`realm.stage` = '{stage}' and attributes.status != 'RUNNING'",
             order_by=["attributes.start_time DESC"],
         )
-        if r.data.tags.get("realm.root") == root and r.info.run_id != ctx.run_id
+        if r.data.tags.get("realm.root") == root and r.info.run_id != run_id
     ]
     last_done = next((i for i, r in enumerate(mine) if r.info.status == "FINISHED"), len(mine))
     # the killed attempts since the last finished one that no later attempt has taken up yet
     killed = [r for r in mine[:last_done] if r.info.status == "KILLED" and RESUMED_BY not in r.data.tags]
     if not killed:  # checkpoints live in the workspace: only an attempt in this one is resumed
-        return
+        return {}
     for r in killed:  # taken up once: a later attempt never links to it again
-        client.set_tag(r.info.run_id, RESUMED_BY, ctx.run_id)
+        client.set_tag(r.info.run_id, RESUMED_BY, run_id)
     from realm_core.checkpoint import resume_points  # imports torch: only when there is something to resume
 
-    points = resume_points(ctx.paths.scratch(ctx.stage))
+    points = resume_points(paths.scratch(stage))
     at = (
         str(next(iter(points.values())))
         if len(points) == 1
         else ",".join(f"{k}:{v}" for k, v in sorted(points.items())) or "0"
     )
-    client.set_tag(ctx.run_id, "resumed_from", killed[0].info.run_id)
-    client.set_tag(ctx.run_id, "resumed_at_step", at)
-    if points:
-        ctx.recorder.preload(earlier_rows(client, killed[0].info.run_id, ctx.recorder.prefix))
+    client.set_tag(run_id, "resumed_from", killed[0].info.run_id)
+    client.set_tag(run_id, "resumed_at_step", at)
+    return earlier_rows(client, killed[0].info.run_id, prefix) if points else {}

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from flows.env import project_root
 from flows.resume import close_stale_runs, link_resumed_run, process_tags
+from flows.stages import stage as registered
 from realm_core.config import Params, load_params
 from realm_core.io import atomic_write_text, write_json
 from realm_core.memory import children_peak_rss_mb, peak_rss_mb
@@ -40,17 +41,6 @@ PARENT_RUN_ENV = "REALM_MLFLOW_PARENT_RUN_ID"
 # The pipeline's Prefect flow-run id and run name, passed to the stage processes like the parent run id.
 PIPELINE_FLOW_RUN_ENV, PIPELINE_NAME_ENV = "REALM_PIPELINE_FLOW_RUN_ID", "REALM_PIPELINE_RUN_NAME"
 DEFAULT_EXPERIMENT = "realm-pipeline"
-STAGES = ("corpus", "ict", "pretrain", "finetune", "evaluate")
-
-# The files each stage reads, logged as MLflow dataset inputs (lineage in the UI).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "ict": ("blocks",),
-    "pretrain": ("blocks",),
-    "finetune": ("blocks", "qa_train"),
-    "evaluate": ("blocks", "qa_dev"),
-}
-# ... and the files a stage writes that later stages read as datasets.
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {"corpus": ("blocks", "qa_train", "qa_dev")}
 # System metrics (CPU, memory, disk, network; MLflow's "system/" charts) every N seconds of a run.
 SYSTEM_METRICS_SECONDS = 10.0
 
@@ -99,17 +89,6 @@ def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None)
 # MLflow 3's UI opens an experiment without this tag in GenAI mode (runs shown as "Evaluations",
 # a Traces/Judges sidebar); this is model training.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-# What each stage run does, in its MLflow description (mlflow.note.content).
-STAGE_NOTES = {
-    "corpus": "Reads the passages, finds salient spans, packs blocks and holds out cloze questions (data/corpus).",
-    "ict": "Inverse cloze task warm start of both towers (ORQA), the MLM head warm-up and the encoder warm-up (data/ict).",
-    "pretrain": "REALM pre-training: salient-span MLM marginalised over the top-k retrieved blocks and the null "
-    "block, gradients into the retriever, asynchronous index refresh (data/pretrain).",
-    "finetune": "Open-QA fine-tuning: query tower and span reader over the frozen block index (data/finetune).",
-    "evaluate": "Exact match and recall@k on the held-out questions, zero-shot recall and BM25 (data/evaluate).",
-    "pipeline": "One `realm run`: DVC runs the stale stages, each a nested run below this one.",
-}
-
 
 BENCH_EXPERIMENT = "realm-bench"
 
@@ -400,7 +379,7 @@ def _finish(client: MlflowClient, ctx: StageContext, out_dir: Path) -> None:
         ctx.recorder.plot(png, f"{stage} (run {ctx.run_id[:8]})")
         client.log_artifact(ctx.run_id, str(curve))
         client.log_artifact(ctx.run_id, str(png))
-    _log_datasets(client, ctx.run_id, paths, STAGE_OUTPUTS.get(stage, ()), "output")
+    _log_datasets(client, ctx.run_id, paths, registered(stage).writes, "output")
     if out_dir.exists():
         rel = out_dir.resolve().relative_to(paths.root.resolve())
         client.set_tag(ctx.run_id, f"dvc.out.{rel.as_posix()}.md5", dvc_out_md5(out_dir))
@@ -436,8 +415,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     """
     from tasks.training import stage_params  # torch and the models: only where a stage runs
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    info = registered(stage)  # a ValueError for an unknown stage, before anything is created
     root = project_root(root)
     params = load_params(root / "params.yaml")
     paths = stage_paths(root)
@@ -446,7 +424,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
         "realm.stage": stage,
         "git.commit": git_commit(root),
         "mlflow.source.git.commit": git_commit(root),
-        "mlflow.note.content": STAGE_NOTES[stage],
+        "mlflow.note.content": info.note,
         "prefect.flow_run_id": prefect_flow_run_id(),
         "mlflow.source.name": f"realm stage {stage}",
         **process_tags(root),
@@ -464,11 +442,11 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[StageContext]:
     status = "FAILED"
     try:
         with system_metrics(run_id, client.tracking_uri):
-            link_resumed_run(client, experiment_id, ctx)
+            ctx.recorder.preload(link_resumed_run(client, experiment_id, stage, paths, run_id, ctx.recorder.prefix))
             # its own sections (the parent has all); every param in a project without dvc.yaml
             own = stage_params(params, root, stage) if (root / "dvc.yaml").exists() else params.flat()
             log_params(client, run_id, own)
-            _log_datasets(client, run_id, paths, STAGE_INPUTS.get(stage, ()), "input")
+            _log_datasets(client, run_id, paths, info.reads, "input")
             yield ctx
             ctx.recorder.flush()
             _finish(client, ctx, getattr(paths, stage))

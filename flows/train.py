@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from flows.env import project_root
+from flows.stages import TRAINING_STAGES
 from realm_core import distributed
 from realm_core.blocks import read_blocks
 from realm_core.config import Params, load_params
@@ -105,6 +106,7 @@ def _finetune(params: Params, paths: Paths, out: Path, log: StepLogger) -> dict[
     return finetune_task.fn(params, paths, out, log)
 
 
+# one per registered training stage (flows/stages.py; tests/test_structure.py checks it)
 STAGE_TRAINING: dict[str, Callable[[Params, Paths, Path, StepLogger], dict[str, float]]] = {
     "ict": _ict,
     "pretrain": _pretrain,
@@ -114,9 +116,9 @@ STAGE_TRAINING: dict[str, Callable[[Params, Paths, Path, StepLogger], dict[str, 
 
 def train_stage(stage: str, root: Path | None = None) -> dict[str, float]:
     """Run `stage`'s training on this rank; rank 0 tracks it and writes the outputs. Returns rank 0's final metrics."""
-    if stage not in STAGE_TRAINING:
+    if stage not in TRAINING_STAGES:
         raise ValueError(
-            f"realm train runs the training stages {', '.join(STAGE_TRAINING)}; got {stage!r} (use `realm stage {stage}`)"
+            f"realm train runs the training stages {', '.join(TRAINING_STAGES)}; got {stage!r} (use `realm stage {stage}`)"
         )
     root = project_root(root)
     params = load_params(root / "params.yaml")
