@@ -56,7 +56,6 @@ from realm_core.benchmarks import (  # noqa: E402
     answer_sets,
     cloze,
     gold_sets,
-    hit_table,
     question_file,
     squad_open,
     vital_linked,
@@ -69,7 +68,7 @@ from realm_core.config import Params, load_params  # noqa: E402
 from realm_core.finetune import OpenQA  # noqa: E402
 from realm_core.ict import train_ict  # noqa: E402
 from realm_core.index import DenseIndex  # noqa: E402
-from realm_core.metrics import exact_match, recall_at_k, regex_match  # noqa: E402
+from realm_core.metrics import exact_match, hit_table, recall_at_k, regex_match  # noqa: E402
 from realm_core.modeling import (  # noqa: E402
     Embedder,
     KnowledgeAugmentedEncoder,

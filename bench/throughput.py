@@ -355,8 +355,8 @@ def precision_recall(args: argparse.Namespace, params: Params, kernels: list[str
     vital corpus only) and all-MiniLM-L6-v2 whole as one shared tower (mean pooling, identity
     projection, LayerNorm), a strong retriever. Paragraphs are cut to 256 wordpieces, as in bench/quality.py."""
     from bench.quality import dense_rankings, embed_questions, passage_store
-    from realm_core.benchmarks import gold_sets, hit_table, squad_open
-    from realm_core.metrics import recall_at_k
+    from realm_core.benchmarks import gold_sets, squad_open
+    from realm_core.metrics import hit_table, recall_at_k
 
     ks = [1, 5, 20]
     if not args.shared_data.is_dir():

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from realm_core import metrics
 from realm_core.corpus import Passage, read_jsonl_corpus
 from realm_core.io import InputError, read_jsonl
-from realm_core.metrics import AnswerIndex, has_answer_regex
 from realm_core.questions import QAExample, read_questions, read_squad
 
 # ../shared/data layout (SOURCES.md): file -> (dataset tag, answers are regexes)
@@ -326,16 +326,6 @@ def gold_sets(bench: Benchmark) -> list[set[int]]:
 
 def answer_sets(bench: Benchmark) -> list[set[int]]:
     """Per question, the positions of the passages whose text holds an answer (module docstring)."""
-    texts = [p.text for p in bench.passages]
-    index = AnswerIndex(texts)
-    return [
-        {i for i, t in enumerate(texts) if has_answer_regex(t, q.answers)} if q.regex else index.containing(q.answers)
-        for q in bench.questions
-    ]
-
-
-def hit_table(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]]) -> list[list[bool]]:
-    """hits[q][r] = the rank-r passage retrieved for question q is relevant (for metrics.recall_at_k)."""
-    if len(rankings) != len(relevant):
-        raise ValueError(f"{len(rankings)} rankings for {len(relevant)} questions")
-    return [[z in rel for z in ranking] for ranking, rel in zip(rankings, relevant)]
+    return metrics.answer_sets(
+        [p.text for p in bench.passages], [q.answers for q in bench.questions], [q.regex for q in bench.questions]
+    )

@@ -15,7 +15,7 @@ from realm_core.blocks import BlockStore, query_batch
 from realm_core.bm25 import bm25_retrieve
 from realm_core.finetune import OpenQA, Question
 from realm_core.index import DenseIndex
-from realm_core.metrics import exact_match, has_answer, recall_at_k
+from realm_core.metrics import answer_sets, exact_match, hit_table, recall_at_k
 from realm_core.modeling import Embedder
 
 
@@ -24,8 +24,9 @@ def _query_text(question: str) -> str:
     return question.replace("[MASK]", " ")
 
 
-def hits_table(store: BlockStore, rankings: list[list[int]], questions: list[Question]) -> list[list[bool]]:
-    return [[has_answer(store.blocks[z].text, q.answers) for z in ranking] for ranking, q in zip(rankings, questions)]
+def answer_hits(store: BlockStore, rankings: list[list[int]], questions: list[Question]) -> list[list[bool]]:
+    """hits[q][r]: the rank-r block retrieved for question q holds one of its answers (has_answer)."""
+    return hit_table(rankings, answer_sets([b.text for b in store.blocks], [q.answers for q in questions]))
 
 
 def evaluate_open_qa(
@@ -45,12 +46,12 @@ def evaluate_open_qa(
         "exact_match": 100.0 * sum(p["em"] for p in predictions) / len(predictions),
         "questions": float(len(questions)),
     }
-    realm_hits = hits_table(model.store, [p["retrieved"][:depth] for p in predictions], questions)
+    realm_hits = answer_hits(model.store, [p["retrieved"][:depth] for p in predictions], questions)
     metrics.update({f"realm_{k}": 100.0 * v for k, v in recall_at_k(realm_hits, recall_at).items()})
     docs = [f"{b.title} {b.text}" for b in model.store.blocks]
     bm25 = bm25_retrieve(docs, [_query_text(q.question) for q in questions], depth)
     metrics.update(
-        {f"bm25_{k}": 100.0 * v for k, v in recall_at_k(hits_table(model.store, bm25, questions), recall_at).items()}
+        {f"bm25_{k}": 100.0 * v for k, v in recall_at_k(answer_hits(model.store, bm25, questions), recall_at).items()}
     )
     for p, ranking in zip(predictions, bm25):
         p["bm25_retrieved"] = ranking
@@ -101,4 +102,4 @@ def dense_recall(
             )
             rankings += found.tolist()
     query.train(was_training)
-    return {k: 100.0 * v for k, v in recall_at_k(hits_table(store, rankings, questions), recall_at).items()}
+    return {k: 100.0 * v for k, v in recall_at_k(answer_hits(store, rankings, questions), recall_at).items()}

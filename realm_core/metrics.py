@@ -242,3 +242,23 @@ class AnswerIndex:
                 candidates = set.intersection(*(self.postings.get(t, set()) for t in tokens)) - found
                 found |= {i for i in candidates if has_answer(self.texts[i], [answer])}
         return found
+
+
+def answer_sets(
+    texts: Sequence[str], answers: Sequence[Sequence[str]], regex: Sequence[bool] | None = None
+) -> list[set[int]]:
+    """Per question, the positions of the texts that hold one of its answers: DPR's token rule
+    (`has_answer`, through one AnswerIndex), or its regex rule where `regex[q]` (CuratedTREC)."""
+    index = AnswerIndex(texts)
+    regex = regex or [False] * len(answers)
+    return [
+        {i for i, t in enumerate(texts) if has_answer_regex(t, a)} if r else index.containing(a)
+        for a, r in zip(answers, regex, strict=True)
+    ]
+
+
+def hit_table(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]]) -> list[list[bool]]:
+    """hits[q][r] = the rank-r passage retrieved for question q is relevant (for `recall_at_k`)."""
+    if len(rankings) != len(relevant):
+        raise ValueError(f"{len(rankings)} rankings for {len(relevant)} questions")
+    return [[z in rel for z in ranking] for ranking, rel in zip(rankings, relevant)]

@@ -123,6 +123,26 @@ def test_answer_index_finds_exactly_the_texts_has_answer_accepts():
     assert index.containing(["art"]) == {4}  # "He studied art in Paris." only, not "A smart move."
 
 
+def test_answer_sets_and_hit_table_are_has_answer_over_the_rankings():
+    """evaluate's recall and the benchmarks' recall share these two: the answer-bearing texts
+    per question (token rule, or the regex rule where asked), then hits along each ranking."""
+    from realm_core.metrics import answer_sets, hit_table
+
+    texts = [text for text, _, _ in HAS_ANSWER_CASES]
+    answers = [a for _, a, _ in HAS_ANSWER_CASES] + [["Par+is"]]
+    regex = [False] * len(HAS_ANSWER_CASES) + [True]
+    sets = answer_sets(texts, answers, regex)
+    for a, r, found in zip(answers, regex, sets):
+        rule = has_answer_regex if r else has_answer
+        assert found == {i for i, t in enumerate(texts) if rule(t, a)}
+    assert 4 in sets[-1]  # the regex finds "Paris"
+    rankings = [[i, (i + 1) % len(texts)] for i in range(len(answers))]
+    hits = hit_table(rankings, sets)
+    assert hits == [[z in s for z in ranking] for ranking, s in zip(rankings, sets)]
+    with pytest.raises(ValueError, match="rankings for"):
+        hit_table(rankings[:-1], sets)
+
+
 @pytest.mark.parametrize(
     ("text", "patterns", "expected"),
     [
