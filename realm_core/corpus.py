@@ -196,16 +196,11 @@ def read_passages(source: str, max_passages: int | None, seed: int, root: Path |
 
 
 def shard(passages: Sequence[Passage], n: int) -> list[list[Passage]]:
-    """Split into `n` contiguous chunks of near-equal size (some may be empty if n > len)."""
-    if n < 1:
-        raise ValueError(f"need at least one shard, got {n}")
-    size, extra = divmod(len(passages), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + size + (i < extra)
-        out.append(list(passages[start:end]))
-        start = end
-    return out
+    """Split into `n` contiguous chunks of near-equal size (some may be empty if n > len): the
+    split of realm_core.sharding.shard_range, which the block embedding shards use too."""
+    from realm_core.sharding import shard_range  # torch and safetensors: only where the corpus is split
+
+    return [list(passages[r.start : r.stop]) for r in (shard_range(len(passages), i, n) for i in range(n))]
 
 
 # ============================================================================ sentences and salient spans
