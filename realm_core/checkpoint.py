@@ -22,7 +22,7 @@ One checkpoint is a directory `step-000040/` holding
     state.json                step, data position, `extra`, fingerprint, scheduler state, optimizer
                               param_groups and non-tensor state, python/numpy RNG states, and the size
                               and sha256 of every file above; written last
-It is written into a temporary sibling, fsynced and renamed, so a directory named `step-*` is
+It is written into a temporary sibling, fsynced and renamed (realm_core.io.atomic_dir), so a directory named `step-*` is
 always complete; the newest `keep` (2) are kept. Nothing is pickled: safetensors and JSON only.
 
 Under torchrun (realm_core/distributed.py) every rank calls `maybe_save` and `restore`: the
@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from realm_core import distributed
-from realm_core.io import InputError, report_disk_full
+from realm_core.io import InputError, atomic_dir, fsync, pid_alive
 
 FORMAT = 1
 STATE_FILE = "state.json"
@@ -265,27 +265,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-# ---------------------------------------------------------------------------- durable files
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Checkpointer:
     """Saves a TrainState every `every` steps into `directory` and restores the newest one.
 
@@ -356,22 +335,9 @@ class Checkpointer:
         if self.before_save is not None:
             self.before_save(step)
         final = self.directory / f"step-{step:06d}"
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            with report_disk_full(final, CHECKPOINT_DISK_FULL_FIX):
-                self.directory.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                meta = self._write_files(tmp, step, state, data_position, extra or {}, rank_rngs or {})
-                _write_json_durably(tmp / STATE_FILE, meta)
-                _fsync(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync(self.directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_dir(final, durable=True, disk_full_fix=CHECKPOINT_DISK_FULL_FIX) as tmp:
+            meta = self._write_files(tmp, step, state, data_position, extra or {}, rank_rngs or {})
+            _write_json_durably(tmp / STATE_FILE, meta)
         for old in list_checkpoints(self.directory)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -406,7 +372,7 @@ class Checkpointer:
         save_file({**tensors, **rank_rngs}, str(tmp / "rng.safetensors"))
         files.append("rng.safetensors")
         for name in files:
-            _fsync(tmp / name)
+            fsync(tmp / name)
         meta["files"] = {
             name: {"bytes": (tmp / name).stat().st_size, "sha256": _file_sha256(tmp / name)} for name in files
         }
@@ -507,7 +473,7 @@ class Checkpointer:
             return
         for p in self.directory.iterdir():
             m = TEMP_DIR.match(p.name)
-            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
                 shutil.rmtree(p, ignore_errors=True)
 
     def discard(self) -> None:

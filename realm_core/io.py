@@ -56,23 +56,48 @@ def report_disk_full(path: Path, fix: str = NO_SPACE_FIX) -> Iterator[None]:
         raise
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a directory: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, *, durable: bool = False, disk_full_fix: str = NO_SPACE_FIX) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success replace `final` with it, on error delete it.
 
     The old `final` is renamed aside before the new one is renamed in, so a kill at any moment
     leaves either the old output whole, or none; never a half-deleted one. Temporary siblings
     left by killed processes (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) are removed first.
+    `durable` also flushes the directory before and its parent after the rename (a power cut
+    then cannot leave a renamed directory with missing entries; checkpoints fsync their files too).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    with report_disk_full(final, disk_full_fix):
+        final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with report_disk_full(final):  # whatever the stage wrote inside, named by its output
+        with report_disk_full(final, disk_full_fix):  # whatever the caller wrote inside, named by its output
             yield tmp
+            if durable:
+                fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -80,6 +105,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    if durable:
+        fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
@@ -89,27 +116,29 @@ def _remove_dead_siblings(final: Path) -> None:
         kind, _, pid = sibling.name[len(final.name) + 2 :].partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive: another process is writing it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if pid_alive(int(pid)):
+            continue  # another process is writing it
         shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it replaces `path`, on error it is deleted."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with report_disk_full(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text, encoding="utf-8")
+            yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -118,20 +147,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSON lines (atomically); return the number written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    try:
-        with report_disk_full(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with _atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
