@@ -91,9 +91,10 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
             trainer, queries, c.model_copy(update={"steps": args.steps}), refresher=refresher, seed=params.seed
         )
     from realm_core.answer import load_open_qa
-    from realm_core.finetune import finetune, load_questions
+    from realm_core.finetune import finetune
     from realm_core.modeling import SpanReader
     from realm_core.paths import Paths
+    from realm_core.questions import read_qa_jsonl
 
     c = params.finetune
     reader = SpanReader(load_encoder(data / "pretrain" / "encoder").bert, hidden=c.span_hidden)
@@ -104,7 +105,7 @@ def workload(args: argparse.Namespace, params: Params) -> Callable[[], None]:
         reader,
         data / "finetune" / "index",
     )
-    questions = load_questions(data / "corpus" / "qa_train.jsonl")
+    questions = read_qa_jsonl(data / "corpus" / "qa_train.jsonl")
     batch = args.batch_size or c.batch_size
     return lambda: finetune(
         model,

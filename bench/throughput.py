@@ -586,12 +586,13 @@ def print_pretrain(out: dict) -> None:
 
 
 def finetune_rows(args: argparse.Namespace, params: Params, gate: Gate, store: BlockStore, out: dict) -> None:
-    from realm_core.finetune import OpenQA, finetune, load_questions
+    from realm_core.finetune import OpenQA, finetune
     from realm_core.index import DenseIndex
     from realm_core.modeling import SpanReader, load_encoder
+    from realm_core.questions import read_qa_jsonl
 
     c = params.finetune
-    questions = load_questions(args.qa)
+    questions = read_qa_jsonl(args.qa)
     index = DenseIndex.load(args.index, params.index)
     if len(index) != len(store):
         raise SystemExit(

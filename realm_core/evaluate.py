@@ -13,10 +13,11 @@ from tqdm.auto import tqdm
 
 from realm_core.blocks import BlockStore, query_batch
 from realm_core.bm25 import bm25_retrieve
-from realm_core.finetune import OpenQA, Question
+from realm_core.finetune import OpenQA
 from realm_core.index import DenseIndex
 from realm_core.metrics import answer_sets, exact_match, hit_table, recall_at_k
 from realm_core.modeling import Embedder
+from realm_core.questions import QAExample
 
 
 def _query_text(question: str) -> str:
@@ -24,13 +25,13 @@ def _query_text(question: str) -> str:
     return question.replace("[MASK]", " ")
 
 
-def answer_hits(store: BlockStore, rankings: list[list[int]], questions: list[Question]) -> list[list[bool]]:
+def answer_hits(store: BlockStore, rankings: list[list[int]], questions: list[QAExample]) -> list[list[bool]]:
     """hits[q][r]: the rank-r block retrieved for question q holds one of its answers (has_answer)."""
     return hit_table(rankings, answer_sets([b.text for b in store.blocks], [q.answers for q in questions]))
 
 
 def evaluate_open_qa(
-    model: OpenQA, questions: list[Question], *, recall_at: list[int], top_k: int, batch_size: int = 16
+    model: OpenQA, questions: list[QAExample], *, recall_at: list[int], top_k: int, batch_size: int = 16
 ) -> tuple[dict[str, float], list[dict]]:
     """Metrics for the fine-tuned retriever + reader and for BM25; also the per-question predictions."""
     if not questions:
@@ -59,7 +60,7 @@ def evaluate_open_qa(
 
 
 def retriever_recall(
-    model: OpenQA, questions: list[Question], *, recall_at: list[int], batch_size: int = 16
+    model: OpenQA, questions: list[QAExample], *, recall_at: list[int], batch_size: int = 16
 ) -> dict[str, float]:
     """Recall@k of the model's query embedder over its index, without the reader.
 
@@ -82,7 +83,7 @@ def dense_recall(
     query: Embedder,
     store: BlockStore,
     index: DenseIndex,
-    questions: list[Question],
+    questions: list[QAExample],
     *,
     recall_at: list[int],
     max_query_tokens: int,

@@ -27,12 +27,7 @@ from realm_core.loop import TrainLoop
 from realm_core.metrics import AnswerIndex, answer_spans
 from realm_core.modeling import Embedder, SpanReader, marginal_over_correct
 from realm_core.optim import GroupedAdamW, Part
-
-
-@dataclass
-class Question:
-    question: str
-    answers: list[str]
+from realm_core.questions import QAExample
 
 
 @dataclass
@@ -148,7 +143,7 @@ class OpenQA:
         docs = self.block_embeddings[torch.from_numpy(ids)].to(self.device)  # [B, k, d]
         return q_ids, torch.einsum("bd,bkd->bk", q, docs), ids
 
-    def losses(self, batch: list[Question], retriever_top_k: int, reader_top_k: int) -> dict[str, torch.Tensor]:
+    def losses(self, batch: list[QAExample], retriever_top_k: int, reader_top_k: int) -> dict[str, torch.Tensor]:
         q_ids, logits, ids = self.retrieve([q.question for q in batch], retriever_top_k)
         found = [self.answer_blocks(q.answers) for q in batch]
         has = torch.tensor([[z in f for z in row] for f, row in zip(found, ids.tolist())], device=self.device)  # [B, K]
@@ -203,7 +198,7 @@ class OpenQA:
 
 def finetune(
     model: OpenQA,
-    questions: list[Question],
+    questions: list[QAExample],
     c: FinetuneParams,
     *,
     seed: int,
@@ -245,18 +240,3 @@ def finetune(
     loop.run(forward, on_row=keep, extra=lambda: {"history": history})
     tail = history[-max(1, len(history) // 4) :] or [{"loss": 0.0}]
     return {f"{k}_last_quarter": float(np.mean([r[k] for r in tail])) for k in tail[0]}
-
-
-def load_questions(path) -> list[Question]:
-    """NQ-open style JSONL written by the corpus stage: {"question": str, "answer": [str, ...]}."""
-    from realm_core.io import InputError, read_jsonl
-
-    out = []
-    for lineno, row in read_jsonl(path):
-        answers = row.get("answer")
-        if not isinstance(row.get("question"), str) or not row["question"].strip():
-            raise InputError(f"{path}:{lineno}: 'question' must be a non-empty string")
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise InputError(f"{path}:{lineno}: 'answer' must be a non-empty list of non-empty strings")
-        out.append(Question(row["question"], answers))
-    return out

@@ -10,10 +10,11 @@ from prefect.cache_policies import NO_CACHE
 
 from realm_core.config import Params
 from realm_core.evaluate import evaluate_open_qa, retriever_recall
-from realm_core.finetune import OpenQA, load_questions
+from realm_core.finetune import OpenQA
 from realm_core.io import write_jsonl
 from realm_core.modeling import load_embedder, load_reader
 from realm_core.paths import Paths
+from realm_core.questions import read_qa_jsonl
 from tasks.training import load_open_qa, seed_everything
 
 
@@ -23,7 +24,7 @@ def evaluate_task(params: Params, paths: Paths, out_dir: Path) -> dict[str, floa
     model = load_open_qa(
         params, paths, paths.finetune / "query", load_reader(paths.finetune / "reader"), paths.finetune / "index"
     )
-    questions = load_questions(paths.qa_dev)
+    questions = read_qa_jsonl(paths.qa_dev)
     get_run_logger().info("evaluating %d held-out questions over %d blocks", len(questions), len(model.store))
     metrics, predictions = evaluate_open_qa(
         model, questions, recall_at=params.evaluate.recall_at, top_k=params.evaluate.top_k

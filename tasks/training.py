@@ -25,7 +25,7 @@ from realm_core.blocks import BlockStore, read_blocks
 from realm_core.checkpoint import Checkpointer, fingerprint
 from realm_core.config import Params
 from realm_core.evaluate import dense_recall
-from realm_core.finetune import OpenQA, finetune, load_questions
+from realm_core.finetune import OpenQA, finetune
 from realm_core.ict import train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
 from realm_core.io import InputError, atomic_dir, write_json
@@ -49,6 +49,7 @@ from realm_core.modeling import (
 from realm_core.paths import Paths
 from realm_core.precision import resolve_embed_precision
 from realm_core.pretrain import Pretrainer, check_top_k, pretrain
+from realm_core.questions import read_qa_jsonl
 from realm_core.reading import pretraining_queries, warmup_encoder
 from realm_core.refresh import make_refresher, planned_refreshes
 
@@ -315,7 +316,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
             save_encoder(trainer.encoder, best / "encoder")
             write_json(best / "best.json", {"step": step, "retrieval_utility_window": utility, "window": c.best_window})
 
-    dev = load_questions(paths.qa_dev)
+    dev = read_qa_jsonl(paths.qa_dev)
 
     def dev_recall(index: DenseIndex) -> dict[str, float]:
         """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh),
@@ -383,7 +384,7 @@ def finetune_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
     (`finetune.init: ict`: from the ICT retriever and the ict stage's encoder, ORQA-style)."""
     seed_everything(params.seed)
     c = params.finetune
-    questions = load_questions(paths.qa_train)
+    questions = read_qa_jsonl(paths.qa_train)
     texts = [b.text for b in read_blocks(paths.blocks)]
     if not any_answerable([q.answers for q in questions], texts):  # before the index is built
         raise InputError(

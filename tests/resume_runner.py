@@ -24,22 +24,23 @@ from safetensors.torch import save_model
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer
 from realm_core.config import FinetuneParams, IctParams, PretrainParams
-from realm_core.finetune import OpenQA, Question, finetune
+from realm_core.finetune import OpenQA, finetune
 from realm_core.ict import train_ict
 from realm_core.index import DenseIndex
 from realm_core.io import atomic_dir
 from realm_core.modeling import KnowledgeAugmentedEncoder, Retriever, SpanReader, load_tokenizer
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
+from realm_core.questions import QAExample
 from realm_core.refresh import SyncRefresher
 
 CPU = torch.device("cpu")
 STEPS = 16
 SEED = 7
 QUESTIONS = [
-    Question("[MASK] is the capital of France.", ["Paris"]),
-    Question("The Berlin Wall fell in [MASK].", ["1989"]),
-    Question("Mozart lived in [MASK] from 1781.", ["Vienna"]),
-    Question("James Joyce was born in Dublin in [MASK].", ["1882"]),
+    QAExample("[MASK] is the capital of France.", ["Paris"]),
+    QAExample("The Berlin Wall fell in [MASK].", ["1989"]),
+    QAExample("Mozart lived in [MASK] from 1781.", ["Vienna"]),
+    QAExample("James Joyce was born in Dublin in [MASK].", ["1882"]),
 ]
 
 

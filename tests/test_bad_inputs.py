@@ -42,13 +42,12 @@ from realm_core.checkpoint import Checkpointer, TrainState
 from realm_core.config import CorpusParams, ParamsError, load_params
 from realm_core.corpus import read_jsonl_corpus, read_tsv
 from realm_core.corpus_files import build_corpus, finish_corpus
-from realm_core.finetune import load_questions
 from realm_core.index import DenseIndex
 from realm_core.io import InputError, write_json
 from realm_core.logging import null_logger
 from realm_core.modeling import backbone_dir, load_bert, load_embedder, load_tokenizer, save_embedder
 from realm_core.paths import Paths
-from realm_core.questions import load_qa_files, read_questions
+from realm_core.questions import load_qa_files, read_qa_jsonl, read_questions
 from tasks.training import finetune_task
 from tests.tiny import make_blocks
 from tests.tiny_qa import make_finetuned_project
@@ -94,17 +93,17 @@ def qa_empty(p: Path):
 
 def qa_bad_utf8(p: Path):
     bad = _write(p / "qa.jsonl", GOOD_QA.encode() + b'{"question": "Caf\xe9?", "answer": ["x"]}\n')
-    return lambda: load_questions(bad), bad
+    return lambda: read_qa_jsonl(bad), bad
 
 
 def qa_no_question(p: Path):
     bad = _write(p / "qa.jsonl", GOOD_QA + '{"answer": ["Paris"]}\n')
-    return lambda: load_questions(bad), bad
+    return lambda: read_qa_jsonl(bad), bad
 
 
 def qa_empty_answer_string(p: Path):
     bad = _write(p / "qa.jsonl", GOOD_QA + GOOD_QA + '{"question": "Capital of Italy?", "answer": ["  "]}\n')
-    return lambda: load_questions(bad), bad
+    return lambda: read_qa_jsonl(bad), bad
 
 
 def params_not_yaml(p: Path):
@@ -305,7 +304,7 @@ ROWS = [
     Bad("QA file (corpus.qa_train) empty", qa_empty, 1, "expected lines"),
     Bad("QA file with invalid UTF-8 on line 2", qa_bad_utf8, 2, "re-encode the file as UTF-8"),
     Bad("QA line without a question", qa_no_question, 2, "must be a non-empty string"),
-    Bad("QA line whose answer is a blank string", qa_empty_answer_string, 3, "non-empty list of non-empty strings"),
+    Bad("QA line whose answer is a blank string", qa_empty_answer_string, 3, "every answer must be a non-empty string"),
     Bad("params.yaml not valid YAML (bad indentation)", params_not_yaml, 4, "fix the syntax there"),
     Bad("params.yaml section given a number", params_section_not_mapping, 3, "valid dictionary"),
     Bad("model.backbone: a directory that does not exist", backbone_missing, None, "give a local directory"),
@@ -531,7 +530,7 @@ SQUAD = {
         ("qa.txt", GOOD_QA, read_questions),  # DrQA .txt: still sniffed as JSON lines
         ("qa.csv", "question\tanswers\nWho taught in Athens?\t['Socrates']\n", read_questions),
         ("squad.json", json.dumps(SQUAD), read_questions),
-        ("qa_train.jsonl", GOOD_QA, load_questions),
+        ("qa_train.jsonl", GOOD_QA, read_qa_jsonl),
     ],
 )
 def test_a_utf8_byte_order_mark_reads_as_if_it_were_absent(tmp_path, name, text, read):

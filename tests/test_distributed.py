@@ -26,7 +26,7 @@ from realm_core import distributed
 from realm_core.blocks import BlockStore, embed_blocks
 from realm_core.checkpoint import Checkpointer, latest_checkpoint
 from realm_core.config import FinetuneParams, IctParams, PretrainParams
-from realm_core.finetune import OpenQA, Question, finetune
+from realm_core.finetune import OpenQA, finetune
 from realm_core.ict import ict_candidates, ict_example, ict_logits, train_ict
 from realm_core.index import DenseIndex
 from realm_core.modeling import (
@@ -42,6 +42,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries
+from realm_core.questions import QAExample
 from realm_core.refresh import SharedRefresher, make_refresher
 from tests.tiny import make_tiny_bert, write_blocks
 
@@ -51,10 +52,10 @@ STEPS = 3
 SEED = 11
 PRETRAIN_SEED = 15  # its 2 global batches split into slices of 2 vs 4 and 3 vs 2 masked tokens
 QUESTIONS = [
-    Question("[MASK] is the capital of France.", ["Paris"]),
-    Question("The Berlin Wall fell in [MASK].", ["1989"]),
-    Question("Mozart lived in [MASK] from 1781.", ["Vienna"]),
-    Question("James Joyce was born in Dublin in [MASK].", ["1882"]),
+    QAExample("[MASK] is the capital of France.", ["Paris"]),
+    QAExample("The Berlin Wall fell in [MASK].", ["1989"]),
+    QAExample("Mozart lived in [MASK] from 1781.", ["Vienna"]),
+    QAExample("James Joyce was born in Dublin in [MASK].", ["1882"]),
 ]
 
 

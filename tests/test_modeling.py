@@ -10,7 +10,7 @@ import torch
 
 from realm_core.blocks import embed_blocks
 from realm_core.config import FinetuneParams, IctParams, PretrainParams
-from realm_core.finetune import OpenQA, Question, enumerate_spans, finetune
+from realm_core.finetune import OpenQA, enumerate_spans, finetune
 from realm_core.ict import ict_example, train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
 from realm_core.modeling import (
@@ -26,6 +26,7 @@ from realm_core.modeling import (
     save_retriever,
 )
 from realm_core.pretrain import Pretrainer, pretrain, salient_span_queries, select_candidates
+from realm_core.questions import QAExample
 from realm_core.refresh import SyncRefresher
 from tests.conftest import CPU
 
@@ -271,8 +272,8 @@ def test_finetune_keeps_block_embeddings_frozen_and_trains_query_and_reader(tiny
     index_before = model.index.embeddings.copy()
     q_before = model.query.projection.weight.detach().clone()
     questions = [
-        Question("[MASK] is the capital of France.", ["Paris"]),
-        Question("The Berlin Wall fell in [MASK].", ["1989"]),
+        QAExample("[MASK] is the capital of France.", ["Paris"]),
+        QAExample("The Berlin Wall fell in [MASK].", ["1989"]),
     ]
     logged = []
     finetune(
@@ -291,7 +292,7 @@ def test_finetune_keeps_block_embeddings_frozen_and_trains_query_and_reader(tiny
 def test_finetune_losses_are_zero_when_no_block_holds_the_answer(tiny, models):
     model = _open_qa(tiny, models)
     out = model.losses(
-        [Question("Who painted the Mona Lisa?", ["Leonardo da Vinci"])], retriever_top_k=10, reader_top_k=3
+        [QAExample("Who painted the Mona Lisa?", ["Leonardo da Vinci"])], retriever_top_k=10, reader_top_k=3
     )
     assert out["retriever_loss"].item() == 0.0 and out["reader_loss"].item() == 0.0
 
@@ -330,9 +331,9 @@ def test_retriever_recall_matches_the_retrieval_inside_evaluation(tiny, models):
     model = _open_qa(tiny, models)
     model.query.eval(), model.reader.eval()
     questions = [
-        Question("[MASK] is the capital of France.", ["Paris"]),
-        Question("Mozart lived in [MASK].", ["Vienna"]),
-        Question("Who painted it?", ["Leonardo"]),
+        QAExample("[MASK] is the capital of France.", ["Paris"]),
+        QAExample("Mozart lived in [MASK].", ["Vienna"]),
+        QAExample("Who painted it?", ["Leonardo"]),
     ]
     full, _ = evaluate_open_qa(model, questions, recall_at=[1, 5], top_k=2)
     alone = retriever_recall(model, questions, recall_at=[1, 5])

@@ -6,16 +6,17 @@ import numpy as np
 import torch
 
 from realm_core.blocks import doc_batch, embed_blocks, pad_batch, query_batch
-from realm_core.finetune import OpenQA, Question, enumerate_spans
+from realm_core.finetune import OpenQA, enumerate_spans
 from realm_core.index import DenseIndex
 from realm_core.metrics import answer_spans
 from realm_core.modeling import SpanReader
+from realm_core.questions import QAExample
 from tests.conftest import CPU
 
 QUESTIONS = [
-    Question("[MASK] is the capital of France.", ["Paris"]),
-    Question("The Berlin Wall fell in [MASK].", ["1989"]),
-    Question("Mozart lived in [MASK] from 1781.", ["Vienna"]),
+    QAExample("[MASK] is the capital of France.", ["Paris"]),
+    QAExample("The Berlin Wall fell in [MASK].", ["1989"]),
+    QAExample("Mozart lived in [MASK] from 1781.", ["Vienna"]),
 ]
 
 

@@ -210,12 +210,12 @@ def test_pretraining_resumed_from_a_checkpoint_ends_exactly_like_an_uninterrupte
 
 def test_on_index_metrics_are_logged_with_every_index_that_comes_into_use(tiny, models):
     from realm_core.evaluate import dense_recall
-    from realm_core.finetune import Question
+    from realm_core.questions import QAExample
 
     _, store = tiny
     retriever, encoder = models
     trainer = Pretrainer(retriever, encoder, store, top_k=3, device=CPU, dropout=True)  # training mode = dropout on
-    dev = [Question("[MASK] is the capital of France.", ["Paris"]), Question("Mozart lived in [MASK].", ["Vienna"])]
+    dev = [QAExample("[MASK] is the capital of France.", ["Paris"]), QAExample("Mozart lived in [MASK].", ["Vienna"])]
     seen = []
 
     def on_index(index):
