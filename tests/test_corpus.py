@@ -27,11 +27,10 @@ from realm_core.corpus import (
     subsample,
 )
 from realm_core.corpus_files import build_corpus, finish_corpus
-from realm_core.finetune import load_questions
 from realm_core.io import InputError
 from realm_core.metrics import has_answer
 from realm_core.modeling import backbone_dir, load_tokenizer
-from realm_core.questions import MASK, make_cloze_questions
+from realm_core.questions import MASK, make_cloze_questions, read_qa_jsonl
 
 GOOD_TSV = 'id\ttext\ttitle\n1\tParis is the capital of France.\tParis\n2\t"Berlin is ""big""."\tBerlin\n'
 
@@ -266,13 +265,13 @@ def test_no_questions_when_fraction_is_zero(blocks) -> None:
 # ----------------------------------------------------------------------------- stage outputs
 
 
-def test_outputs_load_with_blockstore_and_load_questions(blocks, tokenizer, tmp_path: Path) -> None:
+def test_outputs_load_with_blockstore_and_read_qa_jsonl(blocks, tokenizer, tmp_path: Path) -> None:
     params = CorpusParams(max_block_tokens=64, qa_fraction=0.3)
     stats = finish_corpus(blocks, params, tokenizer, 4, tmp_path, n_passages=48)
     store = BlockStore.load(tmp_path / "blocks.jsonl", tokenizer, 64)
     assert len(store) == stats["blocks"] > 0
-    assert len(load_questions(tmp_path / "qa_train.jsonl")) == stats["qa_train"] > 0
-    assert len(load_questions(tmp_path / "qa_dev.jsonl")) == stats["qa_dev"] > 0
+    assert len(read_qa_jsonl(tmp_path / "qa_train.jsonl")) == stats["qa_train"] > 0
+    assert len(read_qa_jsonl(tmp_path / "qa_dev.jsonl")) == stats["qa_dev"] > 0
     assert json.loads((tmp_path / "stats.json").read_text())["passages"] == 48
     assert 3 < stats["mean_block_tokens"] <= 64
 
@@ -310,9 +309,9 @@ def test_extra_question_files_are_added_to_the_cloze_training_questions_only(blo
         and stats["qa_train"] == cloze["qa_train"] + 3
         and stats["qa_dev"] == cloze["qa_dev"]
     )
-    questions = [q.question for q in load_questions(tmp_path / "out" / "qa_train.jsonl")]
+    questions = [q.question for q in read_qa_jsonl(tmp_path / "out" / "qa_train.jsonl")]
     assert questions[-3:] == ["who wrote hamlet", "capital of peru", "where is rome"]
-    assert "where is rome" not in {q.question for q in load_questions(tmp_path / "out" / "qa_dev.jsonl")}
+    assert "where is rome" not in {q.question for q in read_qa_jsonl(tmp_path / "out" / "qa_dev.jsonl")}
     with pytest.raises(InputError, match="missing.jsonl: corpus.qa_train_extra file not found"):
         finish_corpus(
             blocks, CorpusParams(qa_train_extra=[str(tmp_path / "missing.jsonl")]), tokenizer, 4, tmp_path / "o4", 48
