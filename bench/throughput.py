@@ -671,7 +671,7 @@ def stage_rows(tracking_uri: str, experiment: str, out: dict) -> None:
     """Each stage's latest nested run under a default pipeline run (`dvc repro`, not a `dvc exp run` experiment)."""
     from mlflow import MlflowClient
 
-    from flows.tracking import STAGES
+    from flows.stages import STAGES
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)

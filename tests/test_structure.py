@@ -143,3 +143,40 @@ def test_an_unknown_stage_is_refused_with_the_stage_list():
 
     with pytest.raises(ValueError, match="stages are corpus, ict, pretrain, finetune, evaluate"):
         stage("pretraining")
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (inside top-level if/try blocks too)."""
+    names: set[str] = set()
+    body = list(ast.parse(path.read_text(), filename=str(path)).body)
+    while body:
+        node = body.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            body += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+            body += [n for h in getattr(node, "handlers", []) for n in h.body]
+    return names
+
+
+def test_every_name_imported_from_our_modules_exists_there():
+    """A name moved or removed (say flows.tracking.STAGES, now in flows/stages.py) must not survive
+    in a function-level import that only fails when that code path runs: in realm_core, flows,
+    tasks, bench and tests, every `from <our module> import name` names a definition or a submodule."""
+    modules = _modules()
+    defined = {m: _defined_names(p) for m, p in modules.items()}
+    files = [*modules.values(), *sorted((ROOT / "bench").rglob("*.py")), *sorted((ROOT / "tests").rglob("*.py"))]
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in defined:
+                for alias in node.names:
+                    if alias.name != "*" and alias.name not in defined[node.module]:
+                        if f"{node.module}.{alias.name}" not in modules:
+                            missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing, f"imports of names that do not exist: {missing}"
