@@ -278,7 +278,10 @@ def test_with_refresh_lag_a_slow_builder_changes_no_number_only_the_waiting(tiny
 
     timing = ("seconds", "wait")  # wall-clock measurements: the only keys allowed to differ
     fast, fast_swaps, fast_log = _async_run(tiny, models, tmp_path, "fast")
-    monkeypatch.setenv(BUILDER_DELAY_ENV, "1.5")  # every build is late: the trainer must wait at s + lag
+    # every build is late: the trainer must wait at s + lag. 4 s a build (8 s in all): the first
+    # build's wait also holds the builder's start (imports, 5-9 s on 2 loaded cores), whose spread
+    # between two runs hid 1.5 s a build in one fresh-clone CI (9.38 s vs 8.44 s waited)
+    monkeypatch.setenv(BUILDER_DELAY_ENV, "4")
     slow, slow_swaps, slow_log = _async_run(tiny, models, tmp_path, "slow")
     assert fast_swaps == slow_swaps == [(0, 0), (3, 5), (6, 8)]  # each snapshot swapped in at exactly s + 2
     same = lambda row: {k: v for k, v in row.items() if not any(t in k for t in timing)}  # noqa: E731
