@@ -25,11 +25,6 @@ def _query_text(question: str) -> str:
     return question.replace("[MASK]", " ")
 
 
-def answer_hits(store: BlockStore, rankings: list[list[int]], questions: list[QAExample]) -> list[list[bool]]:
-    """hits[q][r]: the rank-r block retrieved for question q holds one of its answers (has_answer)."""
-    return hit_table(rankings, answer_sets([b.text for b in store.blocks], [q.answers for q in questions]))
-
-
 def evaluate_open_qa(
     model: OpenQA, questions: list[QAExample], *, recall_at: list[int], top_k: int, batch_size: int = 16
 ) -> tuple[dict[str, float], list[dict]]:
@@ -47,13 +42,12 @@ def evaluate_open_qa(
         "exact_match": 100.0 * sum(p["em"] for p in predictions) / len(predictions),
         "questions": float(len(questions)),
     }
-    realm_hits = answer_hits(model.store, [p["retrieved"][:depth] for p in predictions], questions)
+    relevant = [model.answer_blocks(q.answers) for q in questions]  # the model's AnswerIndex, built once
+    realm_hits = hit_table([p["retrieved"][:depth] for p in predictions], relevant)
     metrics.update({f"realm_{k}": 100.0 * v for k, v in recall_at_k(realm_hits, recall_at).items()})
     docs = [f"{b.title} {b.text}" for b in model.store.blocks]
     bm25 = bm25_retrieve(docs, [_query_text(q.question) for q in questions], depth)
-    metrics.update(
-        {f"bm25_{k}": 100.0 * v for k, v in recall_at_k(answer_hits(model.store, bm25, questions), recall_at).items()}
-    )
+    metrics.update({f"bm25_{k}": 100.0 * v for k, v in recall_at_k(hit_table(bm25, relevant), recall_at).items()})
     for p, ranking in zip(predictions, bm25):
         p["bm25_retrieved"] = ranking
     return metrics, predictions
@@ -76,6 +70,7 @@ def retriever_recall(
         max_query_tokens=model.max_query_tokens,
         device=model.device,
         batch_size=batch_size,
+        relevant=[model.answer_blocks(q.answers) for q in questions],
     )
 
 
@@ -89,8 +84,13 @@ def dense_recall(
     max_query_tokens: int,
     device: torch.device,
     batch_size: int = 16,
+    relevant: list[set[int]] | None = None,
 ) -> dict[str, float]:
-    """Recall@k (in %) of `query` over `index` (dropout off, the embedder's mode restored)."""
+    """Recall@k (in %) of `query` over `index` (dropout off, the embedder's mode restored).
+
+    `relevant`: each question's answer-bearing blocks (metrics.answer_sets over the store), for a
+    caller that scores the same questions again and again (pre-training, at every new index);
+    computed here when not given."""
     depth = max(recall_at)
     was_training = query.training
     query.eval()
@@ -103,4 +103,6 @@ def dense_recall(
             )
             rankings += found.tolist()
     query.train(was_training)
-    return {k: 100.0 * v for k, v in recall_at_k(answer_hits(store, rankings, questions), recall_at).items()}
+    if relevant is None:
+        relevant = answer_sets([b.text for b in store.blocks], [q.answers for q in questions])
+    return {k: 100.0 * v for k, v in recall_at_k(hit_table(rankings, relevant), recall_at).items()}

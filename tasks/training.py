@@ -30,7 +30,7 @@ from realm_core.ict import train_ict, warmup_mlm_head
 from realm_core.index import DenseIndex
 from realm_core.io import InputError, atomic_dir, write_json
 from realm_core.logging import StepLogger
-from realm_core.metrics import any_answerable
+from realm_core.metrics import answer_sets, any_answerable
 from realm_core.modeling import (
     KnowledgeAugmentedEncoder,
     Retriever,
@@ -317,6 +317,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
             write_json(best / "best.json", {"step": step, "retrieval_utility_window": utility, "window": c.best_window})
 
     dev = read_qa_jsonl(paths.qa_dev)
+    dev_relevant = answer_sets([b.text for b in store.blocks], [q.answers for q in dev])  # once, not per index
 
     def dev_recall(index: DenseIndex) -> dict[str, float]:
         """Zero-shot recall@k of the held-out questions over each new index (a curve per refresh),
@@ -338,6 +339,7 @@ def pretrain_task(params: Params, paths: Paths, out_dir: Path, log: StepLogger) 
             recall_at=params.evaluate.recall_at,
             max_query_tokens=params.model.max_query_tokens,
             device=device,
+            relevant=dev_relevant,
         )
         return {f"dev_{k.replace('@', '_at_')}": v for k, v in recall.items()}  # MLflow names cannot hold "@"
 
