@@ -279,8 +279,8 @@ def test_with_refresh_lag_a_slow_builder_changes_no_number_only_the_waiting(tiny
     timing = ("seconds", "wait")  # wall-clock measurements: the only keys allowed to differ
     fast, fast_swaps, fast_log = _async_run(tiny, models, tmp_path, "fast")
     # every build is late: the trainer must wait at s + lag. 4 s a build (8 s in all): the first
-    # build's wait also holds the builder's start (imports, 5-9 s on 2 loaded cores), whose spread
-    # between two runs hid 1.5 s a build in one fresh-clone CI (9.38 s vs 8.44 s waited)
+    # build's wait also holds the builder process's start-up, and in one fresh-clone CI 1.5 s a
+    # build (3 s in all) showed as only 0.94 s more waiting (9.38 s slow vs 8.44 s fast)
     monkeypatch.setenv(BUILDER_DELAY_ENV, "4")
     slow, slow_swaps, slow_log = _async_run(tiny, models, tmp_path, "slow")
     assert fast_swaps == slow_swaps == [(0, 0), (3, 5), (6, 8)]  # each snapshot swapped in at exactly s + 2
